@@ -1,3 +1,8 @@
-fn main() {
-    println!("Hello, world!");
+//! The `netdisk` command: `netdisk serve` runs the server, every other subcommand is a
+//! client. The clap layer and terminal interaction live here; the work is in the library.
+
+mod cli;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
 }

@@ -1,0 +1,506 @@
+//! Command-line parsing and terminal interaction (prompts, progress bars, messages).
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use netdisk::client::{Client, Progress};
+use netdisk::config::{self, SavedLogin};
+use netdisk::protocol::FileEntry;
+use netdisk::scram;
+use netdisk::server::{Server, ServerConfig};
+
+const DEFAULT_SERVER: &str = "127.0.0.1:9000";
+
+/// netdisk: a self-hosted network drive.
+///
+/// Start a server with `netdisk serve`, then `netdisk register NAME`, `netdisk login NAME`,
+/// `netdisk put FILE`, `netdisk ls`, `netdisk get NAME`.
+#[derive(Parser)]
+#[command(name = "netdisk", version, about, long_about)]
+struct Cli {
+    /// Server address (HOST:PORT)
+    #[arg(long, global = true, env = "NETDISK_SERVER", default_value = DEFAULT_SERVER)]
+    server: String,
+    /// Authenticate this one command as USER (password from NETDISK_PASSWORD or a prompt)
+    /// instead of using the saved login
+    #[arg(long, global = true, value_name = "USER")]
+    user: Option<String>,
+    /// No progress bars or notes (errors are still printed)
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server
+    Serve(ServeArgs),
+    /// Create an account; the server makes the user's folder
+    Register {
+        /// User name: 1-32 characters of A-Z a-z 0-9 _ . - (not starting with '.')
+        user: String,
+    },
+    /// Log in and save a session token (never the password) for later commands
+    Login { user: String },
+    /// End the saved session (on the server too)
+    Logout,
+    /// List your files: name, size in bytes, modified time
+    Ls {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+        /// List unfinished (staged) uploads instead
+        #[arg(long)]
+        partial: bool,
+    },
+    /// Upload a file (overwrites a file of the same name; resumes an interrupted upload)
+    Put {
+        local_file: PathBuf,
+        /// Name on the server (default: the local file's name)
+        remote_name: Option<String>,
+        /// Discard a staged partial upload and start over
+        #[arg(long)]
+        restart: bool,
+    },
+    /// Download a file, with resume if the local file exists
+    Get {
+        remote_name: String,
+        /// Where to save it (default: the remote name in the current folder; a folder
+        /// means the remote name inside it)
+        local_path: Option<PathBuf>,
+        /// If the local file exists, continue it without asking
+        #[arg(long, conflicts_with = "restart")]
+        resume: bool,
+        /// If the local file exists, overwrite it without asking
+        #[arg(long)]
+        restart: bool,
+    },
+    /// Interactive prompt: register, login, ls, put, get, help, quit
+    Shell,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on
+    #[arg(long, env = "NETDISK_LISTEN", default_value = DEFAULT_SERVER)]
+    listen: String,
+    /// Data folder: users.xlsx, files/USER/, staged uploads
+    #[arg(long, env = "NETDISK_ROOT", default_value = "./netdisk-data")]
+    root: PathBuf,
+    /// Most connections served at once
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// Delete unfinished uploads idle for this many hours
+    #[arg(long, default_value_t = 24.0)]
+    partial_expiry_hours: f64,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("netdisk: error: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("netdisk: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let ui = Ui { quiet: cli.quiet };
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Register { user } => {
+            let mut client = Client::connect(&cli.server).await?;
+            let password = new_password(&user)?;
+            client
+                .register(&user, &password, scram::DEFAULT_ITERATIONS)
+                .await?;
+            ui.say(&format!("registered {user}; now run: netdisk login {user}"));
+            Ok(())
+        }
+        Command::Login { user } => {
+            let mut client = Client::connect(&cli.server).await?;
+            let password = password(&user)?;
+            let token = client.login(&user, &password).await?;
+            config::save_login(
+                &cli.server,
+                SavedLogin {
+                    user: user.clone(),
+                    token,
+                },
+            )?;
+            ui.say(&format!("logged in to {} as {user}", cli.server));
+            Ok(())
+        }
+        Command::Logout => {
+            let Some(saved) = config::forget_login(&cli.server)? else {
+                bail!("not logged in to {}", cli.server);
+            };
+            // The local token is gone either way; revoking it on the server is best effort.
+            let revoked = async {
+                let mut client = Client::connect(&cli.server).await?;
+                client.login_with_token(&saved.token).await?;
+                client.logout().await
+            };
+            if let Err(e) = revoked.await {
+                ui.say(&format!(
+                    "note: could not end the session on the server: {e}"
+                ));
+            }
+            ui.say(&format!("logged out {}", saved.user));
+            Ok(())
+        }
+        Command::Ls { json, partial } => {
+            let mut client = authenticated(&cli.server, cli.user.as_deref()).await?;
+            if partial {
+                let entries = client.list_partial().await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&entries)?);
+                } else {
+                    for e in entries {
+                        println!(
+                            "{:>14} / {:<14} {}  {}",
+                            e.received, e.size, e.updated, e.name
+                        );
+                    }
+                }
+            } else {
+                let entries = client.list().await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&entries)?);
+                } else {
+                    print_listing(&entries);
+                }
+            }
+            Ok(())
+        }
+        Command::Put {
+            local_file,
+            remote_name,
+            restart,
+        } => {
+            let remote = match remote_name {
+                Some(name) => name,
+                None => file_name_of(&local_file)?,
+            };
+            let mut client = authenticated(&cli.server, cli.user.as_deref()).await?;
+            let mut bar = ui.progress();
+            let outcome = client.put(&local_file, &remote, restart, &mut bar).await?;
+            ui.say(&format!(
+                "uploaded {remote} ({} bytes, verified)",
+                outcome.size
+            ));
+            Ok(())
+        }
+        Command::Get {
+            remote_name,
+            local_path,
+            resume,
+            restart,
+        } => {
+            let local = local_target(&remote_name, local_path);
+            let resume = decide_resume(&local, resume, restart)?;
+            let mut client = authenticated(&cli.server, cli.user.as_deref()).await?;
+            let mut bar = ui.progress();
+            let outcome = client.get(&remote_name, &local, resume, &mut bar).await?;
+            ui.say(&format!(
+                "downloaded {remote_name} to {} ({} bytes, verified)",
+                local.display(),
+                outcome.size
+            ));
+            Ok(())
+        }
+        Command::Shell => shell(&cli.server, ui).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut config = ServerConfig::new(args.listen, args.root);
+    config.max_connections = args.max_connections.max(1);
+    config.partial_max_idle =
+        std::time::Duration::from_secs_f64(args.partial_expiry_hours.max(0.0) * 3600.0);
+    let server = Server::bind(config).await?;
+    server
+        .run(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}
+
+/// A client logged in with `--user` (password now) or with the saved session.
+async fn authenticated(server: &str, user: Option<&str>) -> anyhow::Result<Client> {
+    let mut client = Client::connect(server).await?;
+    match user {
+        Some(user) => {
+            let password = password(user)?;
+            client.login(user, &password).await?;
+        }
+        None => {
+            let saved = config::load_login(server)?.ok_or_else(|| {
+                anyhow!("not logged in to {server}: run `netdisk login USER` first (or pass --user USER)")
+            })?;
+            client
+                .login_with_token(&saved.token)
+                .await
+                .with_context(|| format!("saved login for {} no longer works", saved.user))?;
+        }
+    }
+    Ok(client)
+}
+
+/// `get NAME [LOCAL]`: LOCAL defaults to NAME here; an existing folder means NAME inside it.
+fn local_target(remote: &str, local: Option<PathBuf>) -> PathBuf {
+    match local {
+        Some(path) if path.is_dir() => path.join(remote),
+        Some(path) => path,
+        None => PathBuf::from(remote),
+    }
+}
+
+/// Whether to continue an existing local file: the flag, else ask on a terminal.
+fn decide_resume(local: &Path, resume: bool, restart: bool) -> anyhow::Result<bool> {
+    if resume || restart || !local.exists() {
+        return Ok(resume);
+    }
+    if !std::io::stdin().is_terminal() || !std::io::stderr().is_terminal() {
+        bail!(
+            "{} already exists: pass --resume to continue it or --restart to download it again",
+            local.display()
+        );
+    }
+    let answer = ask(&format!(
+        "{} already exists. Resume the download? [Y/n] ",
+        local.display()
+    ))?;
+    Ok(!matches!(answer.trim().to_lowercase().as_str(), "n" | "no"))
+}
+
+fn file_name_of(path: &Path) -> anyhow::Result<String> {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_string)
+        .ok_or_else(|| {
+            anyhow!(
+                "cannot take a remote name from {}: give one",
+                path.display()
+            )
+        })
+}
+
+fn print_listing(entries: &[FileEntry]) {
+    for e in entries {
+        println!("{:>14}  {}  {}", e.size, e.modified, e.name);
+    }
+}
+
+/// The password: NETDISK_PASSWORD if set, else asked without echo.
+fn password(user: &str) -> anyhow::Result<String> {
+    if let Ok(password) = std::env::var("NETDISK_PASSWORD") {
+        return Ok(password);
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!("no password: set NETDISK_PASSWORD or run on a terminal");
+    }
+    Ok(rpassword::prompt_password(format!(
+        "password for {user}: "
+    ))?)
+}
+
+/// A new password, typed twice on a terminal.
+fn new_password(user: &str) -> anyhow::Result<String> {
+    let password = password(user)?;
+    if std::env::var_os("NETDISK_PASSWORD").is_none() {
+        let again = rpassword::prompt_password("again: ")?;
+        if again != password {
+            bail!("the two passwords differ");
+        }
+    }
+    if password.is_empty() {
+        bail!("the password must not be empty");
+    }
+    Ok(password)
+}
+
+fn ask(question: &str) -> anyhow::Result<String> {
+    eprint!("{question}");
+    std::io::stderr().flush()?;
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    Ok(line)
+}
+
+/// Where messages and progress go: stderr, and nothing but errors with --quiet.
+#[derive(Clone, Copy)]
+struct Ui {
+    quiet: bool,
+}
+
+impl Ui {
+    fn say(&self, message: &str) {
+        if !self.quiet {
+            eprintln!("{message}");
+        }
+    }
+
+    /// A progress bar on a terminal; silent otherwise (notes still shown).
+    fn progress(&self) -> Bar {
+        Bar {
+            bar: None,
+            show_bar: !self.quiet && std::io::stderr().is_terminal(),
+            quiet: self.quiet,
+        }
+    }
+}
+
+struct Bar {
+    bar: Option<ProgressBar>,
+    show_bar: bool,
+    quiet: bool,
+}
+
+impl Progress for Bar {
+    fn start(&mut self, total: u64, from: u64) {
+        if !self.show_bar {
+            return;
+        }
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+            )
+            .expect("valid template"),
+        );
+        bar.set_position(from);
+        bar.reset_eta();
+        self.bar = Some(bar);
+    }
+
+    fn advance(&mut self, bytes: u64) {
+        if let Some(bar) = &self.bar {
+            bar.inc(bytes);
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+
+    fn notice(&mut self, message: &str) {
+        if !self.quiet {
+            match &self.bar {
+                Some(bar) => bar.println(format!("note: {message}")),
+                None => eprintln!("note: {message}"),
+            }
+        }
+    }
+}
+
+/// The interactive prompt of the tutorials: one connection, one command per line.
+async fn shell(server: &str, ui: Ui) -> anyhow::Result<()> {
+    let mut client = Client::connect(server).await?;
+    let mut user: Option<String> = None;
+    eprintln!("connected to {server}; type help for the commands");
+    let stdin = std::io::stdin();
+    loop {
+        eprint!(
+            "netdisk{}> ",
+            user.as_deref().map(|u| format!(" {u}")).unwrap_or_default()
+        );
+        std::io::stderr().flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let result: anyhow::Result<()> = match words.as_slice() {
+            [] => Ok(()),
+            ["help"] => {
+                eprintln!("commands: register USER | login USER | ls | put LOCAL [REMOTE] | get REMOTE [LOCAL] | help | quit");
+                Ok(())
+            }
+            ["quit"] | ["exit"] => return Ok(()),
+            ["register", name] => {
+                async {
+                    let password = new_password(name)?;
+                    client
+                        .register(name, &password, scram::DEFAULT_ITERATIONS)
+                        .await?;
+                    eprintln!("registered {name}");
+                    Ok(())
+                }
+                .await
+            }
+            ["login", name] => {
+                async {
+                    let password = password(name)?;
+                    client.login(name, &password).await?;
+                    user = Some(name.to_string());
+                    eprintln!("logged in as {name}");
+                    Ok(())
+                }
+                .await
+            }
+            ["ls"] => {
+                async {
+                    print_listing(&client.list().await?);
+                    Ok(())
+                }
+                .await
+            }
+            ["put", local, rest @ ..] if rest.len() <= 1 => {
+                async {
+                    let local = PathBuf::from(local);
+                    let remote = match rest.first() {
+                        Some(name) => name.to_string(),
+                        None => file_name_of(&local)?,
+                    };
+                    let outcome = client
+                        .put(&local, &remote, false, &mut ui.progress())
+                        .await?;
+                    eprintln!("uploaded {remote} ({} bytes, verified)", outcome.size);
+                    Ok(())
+                }
+                .await
+            }
+            ["get", remote, rest @ ..] if rest.len() <= 1 => {
+                async {
+                    let local = local_target(remote, rest.first().map(PathBuf::from));
+                    let resume = decide_resume(&local, false, false)?;
+                    let outcome = client
+                        .get(remote, &local, resume, &mut ui.progress())
+                        .await?;
+                    eprintln!("downloaded {remote} ({} bytes, verified)", outcome.size);
+                    Ok(())
+                }
+                .await
+            }
+            _ => Err(anyhow!("unknown command; type help")),
+        };
+        if let Err(e) = result {
+            eprintln!("error: {e:#}");
+        }
+    }
+}

@@ -1,0 +1,421 @@
+//! The client library: one connection to a server, one method per command.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+
+use base64::Engine;
+use tokio::net::TcpStream;
+
+use crate::digest::{file_digest, hash_reader, ChunkHash, ChunkHasher, CHUNK_SIZE};
+use crate::error::{Error, ErrorCode, Result};
+use crate::names::{check_file_name, check_user_name};
+use crate::protocol::{
+    AuthReply, CommitReply, Connection, Done, FileEntry, GetReply, HelloReply, ListReply,
+    PartialEntry, PutReply, Request, UserReply, PROTOCOL_VERSION,
+};
+use crate::scram::{ClientFirst, Verifier};
+use crate::transfer::{receive_body, send_body, BodySink, BodySource};
+
+/// Largest `ls` reply accepted (a listing, not a file: a few hundred thousand names).
+const MAX_LISTING_LEN: u64 = 256 * 1024 * 1024;
+
+/// What a transfer reports while it runs (the command line draws a progress bar).
+pub trait Progress: Send {
+    /// The transfer of `total` bytes starts, `from` of them already in place.
+    fn start(&mut self, _total: u64, _from: u64) {}
+    fn advance(&mut self, _bytes: u64) {}
+    fn finish(&mut self) {}
+    /// Something the user should know (a resume, a restart and why).
+    fn notice(&mut self, _message: &str) {}
+}
+
+/// Reports nothing.
+pub struct NoProgress;
+impl Progress for NoProgress {}
+
+/// How a finished transfer went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransferOutcome {
+    pub size: u64,
+    /// Bytes that were already in place and not sent again.
+    pub resumed_from: u64,
+    /// The verified checksum (hex) of the whole file.
+    pub digest: String,
+}
+
+pub struct Client {
+    conn: Connection,
+}
+
+impl Client {
+    /// Connect to `addr` (`host:port`) and agree on the protocol version.
+    pub async fn connect(addr: &str) -> Result<Client> {
+        let socket = TcpStream::connect(addr).await.map_err(|e| {
+            Error::Invalid(format!("cannot reach the netdisk server at {addr}: {e}"))
+        })?;
+        socket.set_nodelay(true)?;
+        let mut conn = Connection::new(socket);
+        let _: HelloReply = conn
+            .call(&Request::Hello {
+                version: PROTOCOL_VERSION,
+                client: format!("netdisk {}", env!("CARGO_PKG_VERSION")),
+            })
+            .await?;
+        Ok(Client { conn })
+    }
+
+    /// Create an account. Only the SCRAM verifier derived here is sent, never the password.
+    pub async fn register(&mut self, user: &str, password: &str, iterations: u32) -> Result<()> {
+        check_user_name(user)?;
+        let password = password.to_string();
+        let verifier = blocking(move || Ok(Verifier::new(&password, iterations))).await?;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let _: Done = self
+            .conn
+            .call(&Request::Register {
+                user: user.to_string(),
+                salt: b64.encode(&verifier.salt),
+                iterations: verifier.iterations,
+                stored_key: b64.encode(verifier.stored_key),
+                server_key: b64.encode(verifier.server_key),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Log in with SCRAM-SHA-256; returns the session token. The server proves it holds
+    /// the verifier too, so a fake server is noticed.
+    pub async fn login(&mut self, user: &str, password: &str) -> Result<String> {
+        check_user_name(user)?;
+        let first = ClientFirst::new(user).map_err(|e| Error::Invalid(e.to_string()))?;
+        let reply: AuthReply = self
+            .conn
+            .call(&Request::AuthStart {
+                message: first.message(),
+            })
+            .await?;
+        let password = password.to_string();
+        let last = blocking(move || {
+            first
+                .handle_server_first(&reply.message, &password)
+                .map_err(|e| Error::Protocol(format!("login: {e}")))
+        })
+        .await?;
+        let reply: AuthReply = self
+            .conn
+            .call(&Request::AuthFinish {
+                message: last.message(),
+            })
+            .await?;
+        last.verify_server_final(&reply.message).map_err(|e| {
+            Error::Protocol(format!("the server failed to prove its identity: {e}"))
+        })?;
+        reply
+            .token
+            .ok_or_else(|| Error::Protocol("login reply without a session token".into()))
+    }
+
+    /// Resume a saved session; returns its user.
+    pub async fn login_with_token(&mut self, token: &str) -> Result<String> {
+        let reply: UserReply = self
+            .conn
+            .call(&Request::AuthToken {
+                token: token.to_string(),
+            })
+            .await?;
+        Ok(reply.user)
+    }
+
+    /// End the session on the server (its token stops working).
+    pub async fn logout(&mut self) -> Result<()> {
+        let _: Done = self.conn.call(&Request::Logout).await?;
+        Ok(())
+    }
+
+    /// The user's files.
+    pub async fn list(&mut self) -> Result<Vec<FileEntry>> {
+        self.list_body(false).await
+    }
+
+    /// The user's staged, unfinished uploads.
+    pub async fn list_partial(&mut self) -> Result<Vec<PartialEntry>> {
+        self.list_body(true).await
+    }
+
+    async fn list_body<T: serde::de::DeserializeOwned>(&mut self, partial: bool) -> Result<T> {
+        let reply: ListReply = self.conn.call(&Request::Ls { partial }).await?;
+        if reply.filesize > MAX_LISTING_LEN {
+            return Err(Error::Protocol("listing too large".into()));
+        }
+        let mut body = vec![0u8; reply.filesize as usize];
+        self.conn.read_body(&mut body).await?;
+        serde_json::from_slice(&body).map_err(|e| Error::Protocol(format!("bad listing: {e}")))
+    }
+
+    /// Upload `local` as `remote`, overwriting it. Continues a staged partial upload of
+    /// the same name and size unless `restart`; if the staged bytes turn out not to match
+    /// the local file, starts over once.
+    pub async fn put(
+        &mut self,
+        local: &Path,
+        remote: &str,
+        restart: bool,
+        progress: &mut dyn Progress,
+    ) -> Result<TransferOutcome> {
+        check_file_name(remote)?;
+        match self.put_once(local, remote, restart, progress).await {
+            Err(Error::Remote {
+                code: ErrorCode::ChecksumMismatch,
+                ..
+            }) if !restart => {
+                progress.notice(
+                    "the partial upload on the server did not match the local file; starting over",
+                );
+                self.put_once(local, remote, true, progress).await
+            }
+            other => other,
+        }
+    }
+
+    async fn put_once(
+        &mut self,
+        local: &Path,
+        remote: &str,
+        restart: bool,
+        progress: &mut dyn Progress,
+    ) -> Result<TransferOutcome> {
+        let mut file = open_local(local)?;
+        let size = file.metadata()?.len();
+        let reply: PutReply = self
+            .conn
+            .call(&Request::Put {
+                filename: remote.to_string(),
+                size,
+                restart,
+            })
+            .await?;
+        let offset = reply.offset;
+        if offset > size || !offset.is_multiple_of(CHUNK_SIZE) {
+            return Err(Error::Protocol(format!(
+                "server asked to resume at {offset}"
+            )));
+        }
+        if offset > 0 {
+            progress.notice(&format!("resuming the upload of {remote} at byte {offset}"));
+        }
+        // The staged prefix is hashed here while the rest streams, never before.
+        let prefix = hash_prefix(open_local(local)?, offset);
+        file.seek(SeekFrom::Start(offset))?;
+        progress.start(size, offset);
+        self.conn
+            .write_header(&Request::PutData {
+                offset,
+                filesize: size - offset,
+            })
+            .await?;
+        let source = HashingReader {
+            file,
+            hasher: ChunkHasher::new(),
+        };
+        let source = send_body(&mut self.conn, size - offset, source, &mut |n| {
+            progress.advance(n)
+        })
+        .await?;
+        let mut chunks = join_prefix(prefix).await?;
+        chunks.extend(source.hasher.finish_chunks());
+        let digest = file_digest(&chunks).to_hex().to_string();
+        self.conn
+            .write_header(&Request::PutCommit {
+                digest: digest.clone(),
+            })
+            .await?;
+        self.conn.flush().await?;
+        // One reply per request, in order: put_data's, then put_commit's.
+        let data_reply = self.conn.read_reply::<PutReply>().await;
+        let commit_reply = self.conn.read_reply::<CommitReply>().await;
+        data_reply?;
+        let commit = commit_reply?;
+        progress.finish();
+        if commit.digest != digest || commit.size != size {
+            return Err(Error::ChecksumMismatch(format!(
+                "the server stored {} bytes with checksum {}, expected {size} bytes with {digest}",
+                commit.size, commit.digest
+            )));
+        }
+        Ok(TransferOutcome {
+            size,
+            resumed_from: offset,
+            digest,
+        })
+    }
+
+    /// Download `remote` into `local`. With `resume`, an existing local file is taken as a
+    /// partial copy and only the rest is fetched; a partial copy that turns out not to be
+    /// a prefix of the server's file (it changed, or the data differs) is noticed and the
+    /// download starts over. Without `resume` the local file is overwritten.
+    pub async fn get(
+        &mut self,
+        remote: &str,
+        local: &Path,
+        resume: bool,
+        progress: &mut dyn Progress,
+    ) -> Result<TransferOutcome> {
+        check_file_name(remote)?;
+        match self.get_once(remote, local, resume, progress).await {
+            Err(Error::ChecksumMismatch(_)) if resume => {
+                progress.notice(
+                    "the local partial copy does not match the file on the server; starting over",
+                );
+                self.get_once(remote, local, false, progress).await
+            }
+            other => other,
+        }
+    }
+
+    async fn get_once(
+        &mut self,
+        remote: &str,
+        local: &Path,
+        resume: bool,
+        progress: &mut dyn Progress,
+    ) -> Result<TransferOutcome> {
+        let local_len = match std::fs::metadata(local) {
+            Ok(meta) if resume && meta.is_file() => meta.len(),
+            _ => 0,
+        };
+        // Resume at a chunk boundary, so the prefix and the rest hash independently.
+        let wanted = local_len / CHUNK_SIZE * CHUNK_SIZE;
+        let check_chunk = if wanted > 0 {
+            Some(last_chunk_hash(local, wanted)?)
+        } else {
+            None
+        };
+        self.conn
+            .write_header(&Request::Get {
+                filename: remote.to_string(),
+                offset: wanted,
+                check_chunk,
+            })
+            .await?;
+        self.conn.flush().await?;
+        let reply: GetReply = self.conn.read_reply().await?;
+        let offset = reply.offset;
+        if offset > wanted || reply.filesize != reply.size.saturating_sub(offset) {
+            return Err(Error::Protocol("inconsistent get reply".into()));
+        }
+        if let Some(reason) = &reply.restart_reason {
+            progress.notice(&format!("{reason}; starting over"));
+        } else if offset > 0 {
+            progress.notice(&format!(
+                "resuming the download of {remote} at byte {offset}"
+            ));
+        }
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(local)
+            .map_err(|e| Error::Invalid(format!("cannot write {}: {e}", local.display())))?;
+        file.set_len(offset)?;
+        file.seek(SeekFrom::Start(offset))?;
+        let prefix = hash_prefix(open_local(local)?, offset);
+        progress.start(reply.size, offset);
+        let sink = HashingWriter {
+            file,
+            hasher: ChunkHasher::new(),
+        };
+        let sink = receive_body(&mut self.conn, reply.filesize, sink, &mut |n| {
+            progress.advance(n)
+        })
+        .await?;
+        let mut chunks = join_prefix(prefix).await?;
+        chunks.extend(sink.hasher.finish_chunks());
+        progress.finish();
+        let digest = file_digest(&chunks).to_hex().to_string();
+        if digest != reply.digest {
+            return Err(Error::ChecksumMismatch(format!(
+                "{} does not match the server's checksum (got {digest}, expected {})",
+                local.display(),
+                reply.digest
+            )));
+        }
+        Ok(TransferOutcome {
+            size: reply.size,
+            resumed_from: offset,
+            digest,
+        })
+    }
+
+    /// Say goodbye and close the connection.
+    pub async fn quit(mut self) -> Result<()> {
+        let _: Done = self.conn.call(&Request::Quit).await?;
+        Ok(())
+    }
+}
+
+fn open_local(path: &Path) -> Result<File> {
+    let file = File::open(path)
+        .map_err(|e| Error::Invalid(format!("cannot read {}: {e}", path.display())))?;
+    if !file.metadata()?.is_file() {
+        return Err(Error::Invalid(format!("{} is not a file", path.display())));
+    }
+    Ok(file)
+}
+
+/// Hash the first `len` bytes of `file` on a blocking thread.
+fn hash_prefix(file: File, len: u64) -> tokio::task::JoinHandle<std::io::Result<Vec<ChunkHash>>> {
+    tokio::task::spawn_blocking(move || hash_reader(file.take(len)))
+}
+
+async fn join_prefix(
+    task: tokio::task::JoinHandle<std::io::Result<Vec<ChunkHash>>>,
+) -> Result<Vec<ChunkHash>> {
+    Ok(task
+        .await
+        .map_err(|e| Error::Invalid(format!("hashing failed: {e}")))??)
+}
+
+/// BLAKE3 of the chunk that ends at `end` in the local file.
+fn last_chunk_hash(path: &Path, end: u64) -> Result<String> {
+    let mut file = open_local(path)?;
+    file.seek(SeekFrom::Start(end - CHUNK_SIZE))?;
+    let chunks = hash_reader(file.take(CHUNK_SIZE))?;
+    Ok(chunks.first().map(hex::encode).unwrap_or_default())
+}
+
+/// Reads the local file for `put`, hashing what it reads.
+struct HashingReader {
+    file: File,
+    hasher: ChunkHasher,
+}
+
+impl BodySource for HashingReader {
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize> {
+        let n = self.file.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Writes the local file for `get`, hashing what it writes.
+struct HashingWriter {
+    file: File,
+    hasher: ChunkHasher,
+}
+
+impl BodySink for HashingWriter {
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.file.write_all(bytes)?;
+        self.hasher.update(bytes);
+        Ok(())
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::Invalid(format!("worker failed: {e}")))?
+}

@@ -1,0 +1,449 @@
+//! The wire format: frames of a 4-byte little-endian header length, a UTF-8 JSON header,
+//! then as many raw body bytes as the header's `filesize` announces.
+//!
+//! This module knows bytes and headers, nothing about users or files. See `docs/PROTOCOL.md`.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufStream};
+
+use crate::error::{Error, ErrorCode, Result};
+
+/// The protocol version this build speaks; exchanged in `hello`.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest JSON header accepted. A larger announced length is refused before allocating.
+pub const MAX_HEADER_LEN: usize = 64 * 1024;
+/// Socket buffer size: large enough that a file body moves in few system calls.
+pub const IO_BUFFER_SIZE: usize = 256 * 1024;
+
+/// A byte stream the protocol can run over (plain TCP today, TLS later).
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// Requests a client sends, tagged by `cmd`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    /// First message on every connection: which protocol version the client speaks.
+    Hello {
+        version: u32,
+        #[serde(default)]
+        client: String,
+    },
+    /// Create a user. Carries the SCRAM verifier (base64 fields), never the password.
+    Register {
+        user: String,
+        salt: String,
+        iterations: u32,
+        stored_key: String,
+        server_key: String,
+    },
+    /// SCRAM client-first message (`n,,n=USER,r=NONCE`).
+    AuthStart { message: String },
+    /// SCRAM client-final message (`c=biws,r=NONCE,p=PROOF`).
+    AuthFinish { message: String },
+    /// Log in with a session token from an earlier `auth_finish`.
+    AuthToken { token: String },
+    /// Revoke the session token this connection logged in with.
+    Logout,
+    /// List the user's files (or, with `partial`, the staged uploads).
+    Ls {
+        #[serde(default)]
+        partial: bool,
+    },
+    /// Start (or resume) uploading `size` bytes as `filename`; the reply says from which offset.
+    Put {
+        filename: String,
+        size: u64,
+        #[serde(default)]
+        restart: bool,
+    },
+    /// The upload's bytes from `offset`; `filesize` body bytes follow this header.
+    PutData { offset: u64, filesize: u64 },
+    /// End of the upload: the sender's checksum of the whole file.
+    PutCommit { digest: String },
+    /// Download `filename` from `offset` (a multiple of the chunk size).
+    Get {
+        filename: String,
+        #[serde(default)]
+        offset: u64,
+        /// BLAKE3 of the chunk just before `offset`, as the client has it, so a changed
+        /// server file is noticed before any byte moves.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        check_chunk: Option<String>,
+    },
+    /// Polite goodbye; the server closes the connection.
+    Quit,
+}
+
+impl Request {
+    /// The `cmd` string of this request, for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Hello { .. } => "hello",
+            Request::Register { .. } => "register",
+            Request::AuthStart { .. } => "auth_start",
+            Request::AuthFinish { .. } => "auth_finish",
+            Request::AuthToken { .. } => "auth_token",
+            Request::Logout => "logout",
+            Request::Ls { .. } => "ls",
+            Request::Put { .. } => "put",
+            Request::PutData { .. } => "put_data",
+            Request::PutCommit { .. } => "put_commit",
+            Request::Get { .. } => "get",
+            Request::Quit => "quit",
+        }
+    }
+}
+
+/// The body of an error reply: `{"ok": false, "code": ..., "message": ...}`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorReply {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Replies to `hello`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HelloReply {
+    pub version: u32,
+    pub server: String,
+}
+
+/// Replies to `auth_start` (server-first) and `auth_finish` (server-final plus session).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AuthReply {
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+/// Reply to `auth_token`: whose session it is.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UserReply {
+    pub user: String,
+}
+
+/// Reply to `ls`: a JSON array of [`FileEntry`] (or [`PartialEntry`]) follows as the body.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ListReply {
+    pub count: usize,
+    pub filesize: u64,
+}
+
+/// One file of `ls`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub name: String,
+    pub size: u64,
+    /// Last modification, ISO 8601 UTC.
+    pub modified: String,
+}
+
+/// One staged upload of `ls --partial`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartialEntry {
+    pub name: String,
+    pub received: u64,
+    pub size: u64,
+    /// Last time data arrived, ISO 8601 UTC.
+    pub updated: String,
+}
+
+/// Reply to `put` and `put_data`: where the staged upload stands (0, or the staged prefix).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PutReply {
+    pub offset: u64,
+}
+
+/// Reply to `put_commit`: the file is complete, verified and durable under its name.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CommitReply {
+    pub size: u64,
+    pub digest: String,
+}
+
+/// Reply to `get`: `filesize` body bytes (the file from `offset`) follow.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GetReply {
+    pub size: u64,
+    pub digest: String,
+    pub modified: String,
+    /// Where the body starts. May be 0 although the client asked for more, when its
+    /// partial copy cannot be a prefix of the file (`restart_reason` says why).
+    pub offset: u64,
+    pub filesize: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_reason: Option<String>,
+}
+
+/// An empty success reply: `{"ok": true}`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Done {}
+
+/// A framed, buffered connection: read and write whole headers, and stream bodies.
+pub struct Connection {
+    stream: BufStream<Box<dyn Stream>>,
+}
+
+impl Connection {
+    pub fn new(stream: impl Stream + 'static) -> Connection {
+        let boxed: Box<dyn Stream> = Box::new(stream);
+        Connection {
+            stream: BufStream::with_capacity(IO_BUFFER_SIZE, IO_BUFFER_SIZE, boxed),
+        }
+    }
+
+    /// Read one header. `Ok(None)` when the peer closed cleanly between frames; an error
+    /// when it closed mid-frame, announced an oversized header or sent something that is
+    /// not a JSON object.
+    pub async fn read_header(&mut self) -> Result<Option<Map<String, Value>>> {
+        let mut len_bytes = [0u8; 4];
+        let mut filled = 0;
+        while filled < 4 {
+            let n = self.stream.read(&mut len_bytes[filled..]).await?;
+            if n == 0 {
+                return if filled == 0 {
+                    Ok(None)
+                } else {
+                    Err(Error::ConnectionClosed)
+                };
+            }
+            filled += n;
+        }
+        let len = u32::from_le_bytes(len_bytes) as usize;
+        if len == 0 || len > MAX_HEADER_LEN {
+            return Err(Error::Protocol(format!(
+                "header length {len} is outside 1..={MAX_HEADER_LEN}"
+            )));
+        }
+        let mut header = vec![0u8; len];
+        self.stream
+            .read_exact(&mut header)
+            .await
+            .map_err(eof_is_closed)?;
+        decode_header(&header).map(Some)
+    }
+
+    /// Read the next reply and decode it as `T`; an error reply becomes [`Error::Remote`].
+    pub async fn read_reply<T: DeserializeOwned>(&mut self) -> Result<T> {
+        let header = self.read_header().await?.ok_or(Error::ConnectionClosed)?;
+        parse_reply(header)
+    }
+
+    /// Queue a request (or any header) for sending. Call [`Connection::flush`] to send.
+    pub async fn write_header(&mut self, header: &impl Serialize) -> Result<()> {
+        let bytes = encode_header(header)?;
+        self.stream.write_all(&bytes).await?;
+        Ok(())
+    }
+
+    /// Queue a success reply: the fields of `reply` plus `"ok": true`.
+    pub async fn write_ok(&mut self, reply: &impl Serialize) -> Result<()> {
+        let mut value = serde_json::to_value(reply).map_err(|e| Error::Protocol(e.to_string()))?;
+        match value.as_object_mut() {
+            Some(map) => {
+                map.insert("ok".into(), Value::Bool(true));
+            }
+            None => return Err(Error::Protocol("a reply must be a JSON object".into())),
+        }
+        self.write_header(&value).await
+    }
+
+    /// Queue an error reply.
+    pub async fn write_error(&mut self, code: ErrorCode, message: &str) -> Result<()> {
+        self.write_header(&serde_json::json!({"ok": false, "code": code, "message": message}))
+            .await
+    }
+
+    /// Send a request and wait for its reply.
+    pub async fn call<T: DeserializeOwned>(&mut self, request: &Request) -> Result<T> {
+        self.write_header(request).await?;
+        self.flush().await?;
+        self.read_reply().await
+    }
+
+    pub async fn flush(&mut self) -> Result<()> {
+        self.stream.flush().await?;
+        Ok(())
+    }
+
+    /// Read exactly `buf.len()` body bytes.
+    pub async fn read_body(&mut self, buf: &mut [u8]) -> Result<()> {
+        self.stream.read_exact(buf).await.map_err(eof_is_closed)?;
+        Ok(())
+    }
+
+    /// Read up to `buf.len()` body bytes (at least one); EOF is [`Error::ConnectionClosed`].
+    pub async fn read_body_some(&mut self, buf: &mut [u8]) -> Result<usize> {
+        match self.stream.read(buf).await? {
+            0 => Err(Error::ConnectionClosed),
+            n => Ok(n),
+        }
+    }
+
+    /// Read and throw away `len` body bytes (to stay in step after refusing a body).
+    pub async fn skip_body(&mut self, mut len: u64) -> Result<()> {
+        let mut sink = vec![0u8; IO_BUFFER_SIZE.min(len as usize)];
+        while len > 0 {
+            let want = sink.len().min(len as usize);
+            let n = self.read_body_some(&mut sink[..want]).await?;
+            len -= n as u64;
+        }
+        Ok(())
+    }
+
+    /// Queue body bytes.
+    pub async fn write_body(&mut self, bytes: &[u8]) -> Result<()> {
+        self.stream.write_all(bytes).await?;
+        Ok(())
+    }
+
+    /// Flush and close the sending side (TCP FIN), so the peer sees a clean end.
+    pub async fn shutdown(&mut self) -> Result<()> {
+        self.stream.shutdown().await?;
+        Ok(())
+    }
+}
+
+fn eof_is_closed(e: std::io::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        Error::ConnectionClosed
+    } else {
+        Error::Io(e)
+    }
+}
+
+/// Encode one header as its length prefix plus JSON.
+pub fn encode_header(header: &impl Serialize) -> Result<Vec<u8>> {
+    let json = serde_json::to_vec(header).map_err(|e| Error::Protocol(e.to_string()))?;
+    if json.len() > MAX_HEADER_LEN {
+        return Err(Error::Protocol(format!(
+            "header of {} bytes exceeds the {MAX_HEADER_LEN}-byte limit",
+            json.len()
+        )));
+    }
+    let mut frame = Vec::with_capacity(4 + json.len());
+    frame.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&json);
+    Ok(frame)
+}
+
+/// Decode the JSON of one header (without its length prefix); it must be an object.
+pub fn decode_header(bytes: &[u8]) -> Result<Map<String, Value>> {
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(Error::Protocol("a header must be a JSON object".into())),
+        Err(e) => Err(Error::Protocol(format!("header is not valid JSON: {e}"))),
+    }
+}
+
+/// Decode a request header into a [`Request`]; unknown commands and missing fields are
+/// [`ErrorCode::BadRequest`] errors the server answers without closing.
+pub fn parse_request(header: Map<String, Value>) -> Result<Request> {
+    serde_json::from_value(Value::Object(header))
+        .map_err(|e| Error::remote(ErrorCode::BadRequest, format!("bad request: {e}")))
+}
+
+/// Decode a reply header: `"ok": false` becomes [`Error::Remote`], otherwise `T`.
+pub fn parse_reply<T: DeserializeOwned>(header: Map<String, Value>) -> Result<T> {
+    match header.get("ok") {
+        Some(Value::Bool(true)) => serde_json::from_value(Value::Object(header))
+            .map_err(|e| Error::Protocol(format!("unexpected reply: {e}"))),
+        Some(Value::Bool(false)) => {
+            let reply: ErrorReply = serde_json::from_value(Value::Object(header))
+                .map_err(|e| Error::Protocol(format!("unexpected error reply: {e}")))?;
+            Err(Error::Remote {
+                code: reply.code,
+                message: reply.message,
+            })
+        }
+        _ => Err(Error::Protocol("reply without an \"ok\" field".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trip_is_length_prefixed_little_endian() {
+        let frame = encode_header(&Request::Ls { partial: false }).unwrap();
+        let json = br#"{"cmd":"ls","partial":false}"#;
+        assert_eq!(&frame[..4], &(json.len() as u32).to_le_bytes());
+        assert_eq!(&frame[4..], json);
+        let request = parse_request(decode_header(&frame[4..]).unwrap()).unwrap();
+        assert_eq!(request, Request::Ls { partial: false });
+    }
+
+    #[test]
+    fn unknown_command_is_bad_request() {
+        let err =
+            parse_request(decode_header(br#"{"cmd":"rm","filename":"x"}"#).unwrap()).unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::BadRequest));
+    }
+
+    #[test]
+    fn non_object_and_invalid_json_are_refused() {
+        assert!(decode_header(b"[1,2]").is_err());
+        assert!(decode_header(b"{\"cmd\":").is_err());
+        assert!(decode_header(&[0xff, 0xfe]).is_err());
+    }
+
+    #[test]
+    fn error_reply_becomes_remote_error() {
+        let header =
+            decode_header(br#"{"ok":false,"code":"name_taken","message":"taken"}"#).unwrap();
+        let err = parse_reply::<Done>(header).unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::NameTaken));
+        assert_eq!(err.to_string(), "taken");
+    }
+
+    #[tokio::test]
+    async fn oversized_header_is_refused_before_reading_it() {
+        let (client, server) = tokio::io::duplex(1024);
+        let mut server = Connection::new(server);
+        let mut client = client;
+        client
+            .write_all(&((MAX_HEADER_LEN as u32) + 1).to_le_bytes())
+            .await
+            .unwrap();
+        let err = server.read_header().await.unwrap_err();
+        assert!(matches!(err, Error::Protocol(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn frames_survive_split_and_merged_writes() {
+        let (client, server) = tokio::io::duplex(7);
+        let mut server = Connection::new(server);
+        let mut bytes = encode_header(&Request::Quit).unwrap();
+        bytes.extend(encode_header(&Request::Logout).unwrap());
+        let writer = tokio::spawn(async move {
+            let mut client = client;
+            for piece in bytes.chunks(3) {
+                client.write_all(piece).await.unwrap();
+            }
+        });
+        let first = parse_request(server.read_header().await.unwrap().unwrap()).unwrap();
+        let second = parse_request(server.read_header().await.unwrap().unwrap()).unwrap();
+        writer.await.unwrap();
+        assert_eq!((first, second), (Request::Quit, Request::Logout));
+        assert!(server.read_header().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn eof_inside_a_frame_is_an_error() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut server = Connection::new(server);
+        client.write_all(&10u32.to_le_bytes()).await.unwrap();
+        client.write_all(b"{\"cmd\"").await.unwrap();
+        drop(client);
+        assert!(matches!(
+            server.read_header().await,
+            Err(Error::ConnectionClosed)
+        ));
+    }
+}

@@ -1,0 +1,723 @@
+//! The server: accept loop, connection limit, and one [`Handler`] per connection that
+//! dispatches commands. Sessions and authentication state live here; file contents are
+//! the business of [`crate::storage`], user records of [`crate::users`].
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tracing::{error, info, warn};
+
+use crate::digest::CHUNK_SIZE;
+use crate::error::{Error, ErrorCode, Result};
+use crate::names::check_user_name;
+use crate::protocol::{
+    parse_request, AuthReply, Connection, Done, GetReply, HelloReply, ListReply, PutReply, Request,
+    UserReply, PROTOCOL_VERSION,
+};
+use crate::scram::{self, ServerFirst, Verifier};
+use crate::sessions::SessionStore;
+use crate::storage::{iso8601, FileReader, LocalStorage, StagedUpload, Storage};
+use crate::transfer::{receive_body, send_body, BodySink, BodySource};
+use crate::users::{now_iso8601, UserRecord, UserTable, UserTableError};
+
+/// Server settings; [`ServerConfig::new`] gives the defaults.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub root: PathBuf,
+    /// Connections served at once; more are refused with a `too_many_requests` reply.
+    pub max_connections: usize,
+    /// Time a new connection has to send its `hello`.
+    pub handshake_timeout: Duration,
+    /// An idle connection (no complete request) is closed after this long.
+    pub idle_timeout: Duration,
+    /// Staged uploads idle for longer are deleted.
+    pub partial_max_idle: Duration,
+}
+
+impl ServerConfig {
+    pub fn new(listen: impl Into<String>, root: impl Into<PathBuf>) -> ServerConfig {
+        ServerConfig {
+            listen: listen.into(),
+            root: root.into(),
+            max_connections: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            partial_max_idle: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// State shared by all connections.
+struct Shared {
+    users: UserTable,
+    sessions: SessionStore,
+    storage: Arc<dyn Storage>,
+    /// Server secret: derives fake SCRAM salts for unknown users.
+    secret: Vec<u8>,
+    config: ServerConfig,
+}
+
+pub struct Server {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// Open (or create) the data root and bind the listening socket. Fails rather than
+    /// start with a users.xlsx it cannot read.
+    pub async fn bind(config: ServerConfig) -> Result<Server> {
+        let root = config.root.clone();
+        let shared = tokio::task::spawn_blocking(move || open_root(&root, config))
+            .await
+            .map_err(|e| Error::Invalid(e.to_string()))??;
+        let listener = TcpListener::bind(&shared.config.listen)
+            .await
+            .map_err(|e| {
+                Error::Invalid(format!("cannot listen on {}: {e}", shared.config.listen))
+            })?;
+        Ok(Server {
+            listener,
+            shared: Arc::new(shared),
+        })
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.listener.local_addr()?)
+    }
+
+    /// Serve until `shutdown` completes. Connections in progress are left to finish.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+        info!(
+            addr = %self.local_addr()?,
+            root = %self.shared.config.root.display(),
+            users = self.shared.users.len(),
+            "netdisk server listening"
+        );
+        spawn_partial_expiry(self.shared.clone());
+        let limit = Arc::new(Semaphore::new(self.shared.config.max_connections));
+        tokio::pin!(shutdown);
+        loop {
+            let (socket, peer) = tokio::select! {
+                _ = &mut shutdown => {
+                    info!("shutting down");
+                    return Ok(());
+                }
+                accepted = self.listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Usually out of file descriptors: back off instead of spinning.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = socket.set_nodelay(true);
+            let shared = self.shared.clone();
+            match limit.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    tokio::spawn(async move {
+                        Handler::new(socket, peer, shared).run().await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    tokio::spawn(refuse_busy(socket, peer));
+                }
+            }
+        }
+    }
+}
+
+/// Open the root folder: storage areas, users.xlsx, sessions, the server secret.
+fn open_root(root: &Path, config: ServerConfig) -> Result<Shared> {
+    std::fs::create_dir_all(root)
+        .map_err(|e| Error::Invalid(format!("cannot create {}: {e}", root.display())))?;
+    let users =
+        UserTable::open(&root.join("users.xlsx")).map_err(|e| Error::Invalid(e.to_string()))?;
+    let sessions = SessionStore::open(&root.join("sessions.json"))?;
+    let storage: Arc<dyn Storage> = Arc::new(LocalStorage::open(root)?);
+    let secret = load_or_create_secret(&root.join("server.secret"))?;
+    Ok(Shared {
+        users,
+        sessions,
+        storage,
+        secret,
+        config,
+    })
+}
+
+/// The server secret: 32 random bytes made on first start, readable by the owner only.
+fn load_or_create_secret(path: &Path) -> Result<Vec<u8>> {
+    match std::fs::read(path) {
+        Ok(secret) if secret.len() >= 32 => return Ok(secret),
+        Ok(_) => return Err(Error::Invalid(format!("{} is too short", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mut secret = vec![0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| Error::Invalid(e.to_string()))?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(&secret)?;
+    file.sync_all()?;
+    Ok(secret)
+}
+
+fn spawn_partial_expiry(shared: Arc<Shared>) {
+    tokio::spawn(async move {
+        let max_idle = shared.config.partial_max_idle;
+        let every = (max_idle / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+        loop {
+            let storage = shared.storage.clone();
+            match tokio::task::spawn_blocking(move || storage.expire_partials(max_idle)).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => info!(expired = n, "deleted stale partial uploads"),
+                Ok(Err(e)) => warn!(error = %e, "expiring partial uploads failed"),
+                Err(e) => warn!(error = %e, "expiring partial uploads failed"),
+            }
+            tokio::time::sleep(every).await;
+        }
+    });
+}
+
+async fn refuse_busy(socket: TcpStream, peer: SocketAddr) {
+    warn!(%peer, "connection refused: too many connections");
+    let mut conn = Connection::new(socket);
+    let _ = conn
+        .write_error(
+            ErrorCode::TooManyRequests,
+            "the server is at its connection limit; try again later",
+        )
+        .await;
+    let _ = conn.shutdown().await;
+}
+
+/// What a command did, for the log.
+#[derive(Default)]
+struct Outcome {
+    bytes: u64,
+    close: bool,
+}
+
+/// One client connection.
+struct Handler {
+    conn: Connection,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    greeted: bool,
+    /// The logged-in user.
+    user: Option<String>,
+    /// The session token this connection logged in with or was given.
+    token: Option<String>,
+    /// A SCRAM exchange between `auth_start` and `auth_finish`: the claimed name,
+    /// whether it exists, and the server state.
+    login: Option<(String, bool, ServerFirst)>,
+    /// The upload between `put` and `put_commit`.
+    upload: Option<Box<dyn StagedUpload>>,
+}
+
+impl Handler {
+    fn new(socket: TcpStream, peer: SocketAddr, shared: Arc<Shared>) -> Handler {
+        Handler {
+            conn: Connection::new(socket),
+            peer,
+            shared,
+            greeted: false,
+            user: None,
+            token: None,
+            login: None,
+            upload: None,
+        }
+    }
+
+    async fn run(mut self) {
+        let started = Instant::now();
+        info!(peer = %self.peer, "connected");
+        let mut requests = 0u64;
+        let mut bytes = 0u64;
+        loop {
+            let timeout = if self.greeted {
+                self.shared.config.idle_timeout
+            } else {
+                self.shared.config.handshake_timeout
+            };
+            let header = match tokio::time::timeout(timeout, self.conn.read_header()).await {
+                Err(_) => {
+                    info!(peer = %self.peer, "closing idle connection");
+                    break;
+                }
+                Ok(Ok(None)) => break,
+                Ok(Ok(Some(header))) => header,
+                Ok(Err(Error::Protocol(message))) => {
+                    warn!(peer = %self.peer, %message, "bad frame; closing");
+                    let _ = self.conn.write_error(ErrorCode::BadRequest, &message).await;
+                    let _ = self.conn.shutdown().await;
+                    break;
+                }
+                Ok(Err(_)) => break,
+            };
+            requests += 1;
+            let command_started = Instant::now();
+            let (cmd, result) = match parse_request(header) {
+                Ok(request) => (request.name(), self.apply(request).await),
+                Err(e) => ("?", Err(e)),
+            };
+            let user = self.user.as_deref().unwrap_or("-");
+            let ms = command_started.elapsed().as_millis() as u64;
+            match result {
+                Ok(outcome) => {
+                    bytes += outcome.bytes;
+                    info!(peer = %self.peer, user, cmd, bytes = outcome.bytes, ms, "ok");
+                    if self.conn.flush().await.is_err() || outcome.close {
+                        break;
+                    }
+                }
+                Err(Error::Remote { code, message }) => {
+                    info!(peer = %self.peer, user, cmd, ?code, %message, ms, "refused");
+                    let sent = self.conn.write_error(code, &message).await;
+                    if sent.is_err() || self.conn.flush().await.is_err() {
+                        break;
+                    }
+                    if !self.greeted || code == ErrorCode::UnsupportedVersion {
+                        break;
+                    }
+                }
+                Err(Error::ConnectionClosed) => {
+                    info!(peer = %self.peer, user, cmd, ms, "connection lost mid-command");
+                    break;
+                }
+                Err(e) => {
+                    error!(peer = %self.peer, user, cmd, error = %e, ms, "failed; closing");
+                    let _ = self
+                        .conn
+                        .write_error(ErrorCode::Internal, "internal server error")
+                        .await;
+                    let _ = self.conn.shutdown().await;
+                    break;
+                }
+            }
+        }
+        let user = self.user.as_deref().unwrap_or("-");
+        info!(
+            peer = %self.peer,
+            user,
+            requests,
+            bytes,
+            secs = started.elapsed().as_secs_f64(),
+            "disconnected"
+        );
+    }
+
+    async fn apply(&mut self, request: Request) -> Result<Outcome> {
+        if !self.greeted && !matches!(request, Request::Hello { .. }) {
+            return Err(Error::remote(
+                ErrorCode::BadRequest,
+                "the first message must be hello",
+            ));
+        }
+        match request {
+            Request::Hello { version, .. } => self.hello(version).await,
+            Request::Register {
+                user,
+                salt,
+                iterations,
+                stored_key,
+                server_key,
+            } => {
+                self.register(user, &salt, iterations, &stored_key, &server_key)
+                    .await
+            }
+            Request::AuthStart { message } => self.auth_start(&message).await,
+            Request::AuthFinish { message } => self.auth_finish(&message).await,
+            Request::AuthToken { token } => self.auth_token(token).await,
+            Request::Logout => self.logout().await,
+            Request::Ls { partial } => self.list(partial).await,
+            Request::Put {
+                filename,
+                size,
+                restart,
+            } => self.put(filename, size, restart).await,
+            Request::PutData { offset, filesize } => self.put_data(offset, filesize).await,
+            Request::PutCommit { digest } => self.put_commit(digest).await,
+            Request::Get {
+                filename,
+                offset,
+                check_chunk,
+            } => self.get(filename, offset, check_chunk).await,
+            Request::Quit => {
+                self.conn.write_ok(&Done {}).await?;
+                Ok(Outcome {
+                    close: true,
+                    ..Outcome::default()
+                })
+            }
+        }
+    }
+
+    async fn hello(&mut self, version: u32) -> Result<Outcome> {
+        if version != PROTOCOL_VERSION {
+            return Err(Error::remote(
+                ErrorCode::UnsupportedVersion,
+                format!("this server speaks protocol version {PROTOCOL_VERSION}, not {version}"),
+            ));
+        }
+        self.greeted = true;
+        self.conn
+            .write_ok(&HelloReply {
+                version: PROTOCOL_VERSION,
+                server: format!("netdisk {}", env!("CARGO_PKG_VERSION")),
+            })
+            .await?;
+        Ok(Outcome::default())
+    }
+
+    async fn register(
+        &mut self,
+        user: String,
+        salt: &str,
+        iterations: u32,
+        stored_key: &str,
+        server_key: &str,
+    ) -> Result<Outcome> {
+        check_user_name(&user)?;
+        let verifier = decode_verifier(salt, iterations, stored_key, server_key)?;
+        let record = UserRecord {
+            name: user.clone(),
+            registered_at: now_iso8601(),
+            last_login: None,
+            verifier,
+        };
+        let shared = self.shared.clone();
+        blocking(move || {
+            shared.users.insert(record).map_err(|e| match e {
+                UserTableError::NameTaken => Error::remote(
+                    ErrorCode::NameTaken,
+                    format!("the user name {user} is already taken"),
+                ),
+                other => user_table_error(other),
+            })?;
+            shared.storage.create_user(&user)
+        })
+        .await?;
+        self.conn.write_ok(&Done {}).await?;
+        Ok(Outcome::default())
+    }
+
+    async fn auth_start(&mut self, client_first: &str) -> Result<Outcome> {
+        let bad = |e: scram::ScramError| Error::remote(ErrorCode::BadRequest, e.to_string());
+        let name = ServerFirst::parse_user(client_first).map_err(bad)?;
+        // Unknown (or impossible) names get a fake verifier, so the answer looks the same.
+        let known = check_user_name(&name)
+            .ok()
+            .and_then(|_| self.shared.users.get(&name));
+        let exists = known.is_some();
+        let verifier = match known {
+            Some(record) => record.verifier,
+            None => scram::fake_verifier(&self.shared.secret, &name),
+        };
+        let server_first = ServerFirst::new(client_first, verifier).map_err(bad)?;
+        let message = server_first.message();
+        self.login = Some((name, exists, server_first));
+        self.conn
+            .write_ok(&AuthReply {
+                message,
+                token: None,
+                user: None,
+            })
+            .await?;
+        Ok(Outcome::default())
+    }
+
+    async fn auth_finish(&mut self, client_final: &str) -> Result<Outcome> {
+        let Some((name, exists, server_first)) = self.login.take() else {
+            return Err(Error::remote(
+                ErrorCode::BadRequest,
+                "auth_finish without auth_start",
+            ));
+        };
+        let server_final = match server_first.handle_client_final(client_final) {
+            Ok(server_final) if exists => server_final,
+            _ => {
+                return Err(Error::remote(
+                    ErrorCode::AuthFailed,
+                    "wrong user name or password",
+                ))
+            }
+        };
+        let shared = self.shared.clone();
+        let user = name.clone();
+        let token = blocking(move || {
+            shared
+                .users
+                .record_login(&user, &now_iso8601())
+                .map_err(user_table_error)?;
+            shared.storage.create_user(&user)?;
+            shared.sessions.create(&user)
+        })
+        .await?;
+        self.user = Some(name.clone());
+        self.token = Some(token.clone());
+        self.conn
+            .write_ok(&AuthReply {
+                message: server_final,
+                token: Some(token),
+                user: Some(name),
+            })
+            .await?;
+        Ok(Outcome::default())
+    }
+
+    async fn auth_token(&mut self, token: String) -> Result<Outcome> {
+        let user = self.shared.sessions.user_of(&token)?;
+        self.user = Some(user.clone());
+        self.token = Some(token);
+        self.conn.write_ok(&UserReply { user }).await?;
+        Ok(Outcome::default())
+    }
+
+    async fn logout(&mut self) -> Result<Outcome> {
+        if let Some(token) = self.token.take() {
+            let shared = self.shared.clone();
+            blocking(move || shared.sessions.revoke(&token)).await?;
+        }
+        self.user = None;
+        self.upload = None;
+        self.conn.write_ok(&Done {}).await?;
+        Ok(Outcome::default())
+    }
+
+    fn logged_in_user(&self) -> Result<String> {
+        self.user
+            .clone()
+            .ok_or_else(|| Error::remote(ErrorCode::NotLoggedIn, "not logged in: log in first"))
+    }
+
+    async fn list(&mut self, partial: bool) -> Result<Outcome> {
+        let user = self.logged_in_user()?;
+        let storage = self.shared.storage.clone();
+        let (count, body) = blocking(move || {
+            let json = if partial {
+                let entries = storage.list_partial(&user)?;
+                (entries.len(), serde_json::to_vec(&entries))
+            } else {
+                let entries = storage.list(&user)?;
+                (entries.len(), serde_json::to_vec(&entries))
+            };
+            Ok((json.0, json.1.map_err(|e| Error::Invalid(e.to_string()))?))
+        })
+        .await?;
+        self.conn
+            .write_ok(&ListReply {
+                count,
+                filesize: body.len() as u64,
+            })
+            .await?;
+        self.conn.write_body(&body).await?;
+        Ok(Outcome {
+            bytes: body.len() as u64,
+            close: false,
+        })
+    }
+
+    async fn put(&mut self, filename: String, size: u64, restart: bool) -> Result<Outcome> {
+        let user = self.logged_in_user()?;
+        self.upload = None; // a new put abandons (but keeps staged) any earlier one
+        let storage = self.shared.storage.clone();
+        let upload =
+            blocking(move || storage.begin_upload(&user, &filename, size, restart)).await?;
+        let offset = upload.offset();
+        self.upload = Some(upload);
+        self.conn.write_ok(&PutReply { offset }).await?;
+        Ok(Outcome::default())
+    }
+
+    async fn put_data(&mut self, offset: u64, filesize: u64) -> Result<Outcome> {
+        let refusal = match &self.upload {
+            None => Some(Error::remote(ErrorCode::BadRequest, "put_data without put")),
+            Some(upload) if upload.offset() != offset => Some(Error::remote(
+                ErrorCode::Conflict,
+                format!("data sent at offset {offset}, expected {}", upload.offset()),
+            )),
+            Some(upload) if offset.checked_add(filesize) != Some(upload.size()) => {
+                Some(Error::remote(
+                    ErrorCode::Conflict,
+                    format!(
+                        "{filesize} bytes at offset {offset} do not end at the announced size {}",
+                        upload.size()
+                    ),
+                ))
+            }
+            Some(_) => None,
+        };
+        if let Some(refusal) = refusal {
+            // Stay in step with the client: the body follows the header regardless.
+            self.conn.skip_body(filesize).await?;
+            return Err(refusal);
+        }
+        let upload = self.upload.take().expect("checked above");
+        let upload =
+            receive_body(&mut self.conn, filesize, UploadSink(upload), &mut |_| {}).await?;
+        let received = upload.0.offset();
+        self.upload = Some(upload.0);
+        self.conn.write_ok(&PutReply { offset: received }).await?;
+        Ok(Outcome {
+            bytes: filesize,
+            close: false,
+        })
+    }
+
+    async fn put_commit(&mut self, digest: String) -> Result<Outcome> {
+        let Some(upload) = self.upload.take() else {
+            return Err(Error::remote(
+                ErrorCode::BadRequest,
+                "put_commit without a complete put",
+            ));
+        };
+        let reply = blocking(move || upload.commit(&digest)).await?;
+        self.conn.write_ok(&reply).await?;
+        Ok(Outcome::default())
+    }
+
+    async fn get(
+        &mut self,
+        filename: String,
+        offset: u64,
+        check_chunk: Option<String>,
+    ) -> Result<Outcome> {
+        let user = self.logged_in_user()?;
+        if !offset.is_multiple_of(CHUNK_SIZE) {
+            return Err(Error::remote(
+                ErrorCode::BadRequest,
+                format!("offset {offset} is not a multiple of the chunk size {CHUNK_SIZE}"),
+            ));
+        }
+        let storage = self.shared.storage.clone();
+        let file = blocking(move || storage.open_file(&user, &filename)).await?;
+        let (offset, restart_reason) =
+            resume_offset(offset, check_chunk.as_deref(), &file.chunks, file.size);
+        let mut reader = file.reader;
+        let reader = blocking(move || {
+            reader.seek(SeekFrom::Start(offset))?;
+            Ok(reader)
+        })
+        .await?;
+        let filesize = file.size - offset;
+        self.conn
+            .write_ok(&GetReply {
+                size: file.size,
+                digest: crate::digest::file_digest(&file.chunks)
+                    .to_hex()
+                    .to_string(),
+                modified: iso8601(file.modified),
+                offset,
+                filesize,
+                restart_reason,
+            })
+            .await?;
+        send_body(&mut self.conn, filesize, FileSource(reader), &mut |_| {}).await?;
+        Ok(Outcome {
+            bytes: filesize,
+            close: false,
+        })
+    }
+}
+
+/// Where a download continues: the client's offset if its partial copy can be a prefix
+/// of this file, else 0 with the reason.
+fn resume_offset(
+    offset: u64,
+    check_chunk: Option<&str>,
+    chunks: &[crate::digest::ChunkHash],
+    size: u64,
+) -> (u64, Option<String>) {
+    if offset == 0 {
+        return (0, None);
+    }
+    if offset > size {
+        return (
+            0,
+            Some("the file on the server is shorter than the local copy".into()),
+        );
+    }
+    let index = (offset / CHUNK_SIZE) as usize - 1;
+    match (check_chunk, chunks.get(index)) {
+        (Some(check), Some(hash)) if !check.eq_ignore_ascii_case(&hex::encode(hash)) => (
+            0,
+            Some("the local copy does not match the file on the server".into()),
+        ),
+        _ => (offset, None),
+    }
+}
+
+struct UploadSink(Box<dyn StagedUpload>);
+
+impl BodySink for UploadSink {
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.0.write(bytes)
+    }
+}
+
+struct FileSource(Box<dyn FileReader>);
+
+impl BodySource for FileSource {
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize> {
+        Ok(self.0.read(buf)?)
+    }
+}
+
+fn decode_verifier(
+    salt: &str,
+    iterations: u32,
+    stored_key: &str,
+    server_key: &str,
+) -> Result<Verifier> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let bad = |what: &str| Error::remote(ErrorCode::BadRequest, format!("bad {what} in register"));
+    let salt = b64.decode(salt).map_err(|_| bad("salt"))?;
+    let key = |text: &str, what: &str| -> Result<[u8; 32]> {
+        b64.decode(text)
+            .ok()
+            .and_then(|bytes| bytes.try_into().ok())
+            .ok_or_else(|| bad(what))
+    };
+    if iterations < scram::MIN_ITERATIONS {
+        return Err(Error::remote(
+            ErrorCode::BadRequest,
+            format!("at least {} iterations are required", scram::MIN_ITERATIONS),
+        ));
+    }
+    if salt.len() < 16 {
+        return Err(bad("salt (at least 16 bytes)"));
+    }
+    Ok(Verifier {
+        salt,
+        iterations,
+        stored_key: key(stored_key, "stored_key")?,
+        server_key: key(server_key, "server_key")?,
+    })
+}
+
+fn user_table_error(e: UserTableError) -> Error {
+    Error::remote(ErrorCode::Internal, format!("user table: {e}"))
+}
+
+/// Run blocking work (disk, fsync, the xlsx) off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::remote(ErrorCode::Internal, format!("worker failed: {e}")))?
+}

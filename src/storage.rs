@@ -1,0 +1,581 @@
+//! File storage: the only code that touches file contents.
+//!
+//! [`Storage`] is the interface the server uses; [`LocalStorage`] keeps files on a local
+//! disk. Methods block (disk IO, fsync): the server calls them from blocking tasks.
+//! Every name reaching this module is checked again with [`check_file_name`], so no path
+//! built here can leave the user's folder; files are opened with `O_NOFOLLOW` and only
+//! regular files are listed or served.
+//!
+//! Layout under the root:
+//! ```text
+//! files/USER/NAME          complete files, the only thing `ls` shows
+//! partial/USER/KEY.data    a staged upload's bytes (KEY = hash of NAME)
+//! partial/USER/KEY.hashes  BLAKE3 of each complete 4 MiB chunk received, appended
+//! partial/USER/KEY.json    name, announced size, start time
+//! meta/USER/KEY.meta       cached chunk hashes of files/USER/NAME (a cache: rebuilt when stale)
+//! ```
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::{file_digest, hash_reader, ChunkHash, ChunkHasher, CHUNK_SIZE};
+use crate::error::{Error, ErrorCode, Result};
+use crate::names::check_file_name;
+use crate::protocol::{CommitReply, FileEntry, PartialEntry};
+
+/// A stored file opened for reading from some offset.
+pub struct StoredFile {
+    pub size: u64,
+    pub modified: SystemTime,
+    /// Chunk hashes of the whole file (see [`crate::digest`]).
+    pub chunks: Vec<ChunkHash>,
+    /// The file's bytes, positioned at the start.
+    pub reader: Box<dyn FileReader>,
+}
+
+/// A stored file's bytes: readable from any offset.
+pub trait FileReader: Read + Seek + Send {}
+impl<T: Read + Seek + Send> FileReader for T {}
+
+/// What the server needs from a file store. Local disk today; object storage can
+/// implement the same calls (a staged upload maps to a multipart upload).
+pub trait Storage: Send + Sync + 'static {
+    /// Make the user's (empty) folder. Idempotent.
+    fn create_user(&self, user: &str) -> Result<()>;
+    /// The user's complete files, one level, sorted by name.
+    fn list(&self, user: &str) -> Result<Vec<FileEntry>>;
+    /// The user's staged (unfinished) uploads.
+    fn list_partial(&self, user: &str) -> Result<Vec<PartialEntry>>;
+    /// Open a file for download, with its chunk hashes.
+    fn open_file(&self, user: &str, name: &str) -> Result<StoredFile>;
+    /// Start or resume staging an upload of `size` bytes; fails with
+    /// [`ErrorCode::Busy`] while another upload of the same name is in progress.
+    fn begin_upload(
+        &self,
+        user: &str,
+        name: &str,
+        size: u64,
+        restart: bool,
+    ) -> Result<Box<dyn StagedUpload>>;
+    /// Delete staged uploads idle for longer than `max_idle`; returns how many.
+    fn expire_partials(&self, max_idle: Duration) -> Result<usize>;
+}
+
+/// An upload being staged. Dropping it without `commit` keeps the received prefix, so the
+/// next `put` of the same name and size resumes.
+pub trait StagedUpload: Send {
+    /// Bytes already staged: where the sender must continue.
+    fn offset(&self) -> u64;
+    /// The announced size of the whole file.
+    fn size(&self) -> u64;
+    /// Append bytes at [`StagedUpload::offset`].
+    fn write(&mut self, bytes: &[u8]) -> Result<()>;
+    /// Verify the whole file against `digest` (hex), make it durable and give it its real
+    /// name, replacing any old file in one step. On a mismatch the staged data is dropped.
+    fn commit(self: Box<Self>, digest: &str) -> Result<CommitReply>;
+}
+
+/// Files on a local disk under one root folder.
+pub struct LocalStorage {
+    root: PathBuf,
+    /// (user, name) pairs with an upload in progress: one uploader per name at a time.
+    uploading: Arc<Mutex<HashSet<(String, String)>>>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PartialInfo {
+    name: String,
+    size: u64,
+}
+
+impl LocalStorage {
+    pub fn open(root: &Path) -> Result<LocalStorage> {
+        for dir in ["files", "partial", "meta"] {
+            fs::create_dir_all(root.join(dir))?;
+        }
+        Ok(LocalStorage {
+            root: root.to_path_buf(),
+            uploading: Arc::default(),
+        })
+    }
+
+    /// The user's folder, refusing a symlink in its place.
+    fn user_dir(&self, area: &str, user: &str) -> Result<PathBuf> {
+        let dir = self.root.join(area).join(user);
+        match fs::symlink_metadata(&dir) {
+            Ok(meta) if meta.is_dir() => Ok(dir),
+            Ok(_) => Err(internal(format!("{} is not a folder", dir.display()))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && area != "files" => {
+                fs::create_dir_all(&dir)?;
+                Ok(dir)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn file_path(&self, user: &str, name: &str) -> Result<PathBuf> {
+        check_file_name(name)?;
+        Ok(self.user_dir("files", user)?.join(name))
+    }
+
+    fn meta_path(&self, user: &str, name: &str) -> Result<PathBuf> {
+        Ok(self
+            .user_dir("meta", user)?
+            .join(format!("{}.meta", name_key(name))))
+    }
+
+    fn partial_paths(&self, user: &str, name: &str) -> Result<PartialPaths> {
+        let base = self.user_dir("partial", user)?.join(name_key(name));
+        Ok(PartialPaths {
+            data: base.with_extension("data"),
+            hashes: base.with_extension("hashes"),
+            info: base.with_extension("json"),
+        })
+    }
+}
+
+impl Storage for LocalStorage {
+    fn create_user(&self, user: &str) -> Result<()> {
+        let dir = self.root.join("files").join(user);
+        fs::create_dir_all(&dir)?;
+        sync_dir(&self.root.join("files"))?;
+        Ok(())
+    }
+
+    fn list(&self, user: &str) -> Result<Vec<FileEntry>> {
+        let mut entries = Vec::new();
+        for entry in fs::read_dir(self.user_dir("files", user)?)? {
+            let entry = entry?;
+            // Only regular files with valid names; symlinks and folders are not served.
+            let (Ok(name), Ok(meta)) = (entry.file_name().into_string(), entry.metadata()) else {
+                continue;
+            };
+            if meta.is_file() && check_file_name(&name).is_ok() {
+                entries.push(FileEntry {
+                    name,
+                    size: meta.len(),
+                    modified: iso8601(meta.modified()?),
+                });
+            }
+        }
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(entries)
+    }
+
+    fn list_partial(&self, user: &str) -> Result<Vec<PartialEntry>> {
+        let mut entries = Vec::new();
+        for entry in fs::read_dir(self.user_dir("partial", user)?)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                let Ok(info) = read_partial_info(&path) else {
+                    continue;
+                };
+                let Ok(data) = fs::metadata(path.with_extension("data")) else {
+                    continue;
+                };
+                entries.push(PartialEntry {
+                    name: info.name,
+                    received: data.len(),
+                    size: info.size,
+                    updated: iso8601(data.modified()?),
+                });
+            }
+        }
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(entries)
+    }
+
+    fn open_file(&self, user: &str, name: &str) -> Result<StoredFile> {
+        let path = self.file_path(user, name)?;
+        let mut file = match open_no_follow(&path) {
+            Ok(file) => file,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ELOOP)) => {
+                return Err(Error::remote(
+                    ErrorCode::NotFound,
+                    format!("no such file: {name}"),
+                ))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(Error::remote(
+                ErrorCode::NotFound,
+                format!("no such file: {name}"),
+            ));
+        }
+        let chunks = self.cached_chunks(user, name, &meta, &mut file)?;
+        file.seek(SeekFrom::Start(0))?;
+        Ok(StoredFile {
+            size: meta.len(),
+            modified: meta.modified()?,
+            chunks,
+            reader: Box::new(file),
+        })
+    }
+
+    fn begin_upload(
+        &self,
+        user: &str,
+        name: &str,
+        size: u64,
+        restart: bool,
+    ) -> Result<Box<dyn StagedUpload>> {
+        let target = self.file_path(user, name)?;
+        let lock = UploadLock::take(&self.uploading, user, name)?;
+        let paths = self.partial_paths(user, name)?;
+        let prefix = if restart {
+            None
+        } else {
+            staged_prefix(&paths, name, size)
+        };
+        let (data, hashes, chunks) = match prefix {
+            Some(chunks) => {
+                let offset = chunks.len() as u64 * CHUNK_SIZE;
+                let data = OpenOptions::new().write(true).open(&paths.data)?;
+                data.set_len(offset)?;
+                let hashes = OpenOptions::new().write(true).open(&paths.hashes)?;
+                hashes.set_len(chunks.len() as u64 * 32)?;
+                (data, hashes, chunks)
+            }
+            None => {
+                paths.remove();
+                let info = serde_json::to_vec(&PartialInfo {
+                    name: name.to_string(),
+                    size,
+                })
+                .map_err(|e| internal(e.to_string()))?;
+                fs::write(&paths.info, info)?;
+                let data = File::create(&paths.data)?;
+                let hashes = File::create(&paths.hashes)?;
+                (data, hashes, Vec::new())
+            }
+        };
+        let offset = chunks.len() as u64 * CHUNK_SIZE;
+        let mut data = data;
+        data.seek(SeekFrom::Start(offset))?;
+        let mut hashes = hashes;
+        hashes.seek(SeekFrom::End(0))?;
+        Ok(Box::new(LocalUpload {
+            name: name.to_string(),
+            size,
+            received: offset,
+            data,
+            hashes,
+            hasher: ChunkHasher::resume(chunks),
+            paths,
+            target,
+            meta_path: self.meta_path(user, name)?,
+            _lock: lock,
+        }))
+    }
+
+    fn expire_partials(&self, max_idle: Duration) -> Result<usize> {
+        let mut expired = 0;
+        let now = SystemTime::now();
+        for user_dir in fs::read_dir(self.root.join("partial"))? {
+            let user_dir = user_dir?;
+            let user = user_dir.file_name().to_string_lossy().into_owned();
+            for entry in fs::read_dir(user_dir.path())? {
+                let path = entry?.path();
+                if path.extension().is_none_or(|e| e != "json") {
+                    continue;
+                }
+                let idle = fs::metadata(path.with_extension("data"))
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| now.duration_since(t).ok());
+                let Ok(info) = read_partial_info(&path) else {
+                    continue;
+                };
+                if idle.is_none_or(|idle| idle > max_idle) {
+                    // An upload in progress is never expired under its sender.
+                    if let Ok(_lock) = UploadLock::take(&self.uploading, &user, &info.name) {
+                        PartialPaths::from_info(&path).remove();
+                        expired += 1;
+                    }
+                }
+            }
+        }
+        Ok(expired)
+    }
+}
+
+impl LocalStorage {
+    /// Chunk hashes of an open file: from the cache when it describes this exact file
+    /// (size, mtime, inode), else computed now and cached.
+    fn cached_chunks(
+        &self,
+        user: &str,
+        name: &str,
+        meta: &fs::Metadata,
+        file: &mut File,
+    ) -> Result<Vec<ChunkHash>> {
+        let meta_path = self.meta_path(user, name)?;
+        let stamp = FileStamp::of(meta);
+        if let Some(chunks) = read_meta(&meta_path, &stamp) {
+            return Ok(chunks);
+        }
+        file.seek(SeekFrom::Start(0))?;
+        let chunks = hash_reader(&mut *file)?;
+        write_meta(&meta_path, &stamp, &chunks)?;
+        Ok(chunks)
+    }
+}
+
+struct LocalUpload {
+    name: String,
+    size: u64,
+    received: u64,
+    data: File,
+    hashes: File,
+    hasher: ChunkHasher,
+    paths: PartialPaths,
+    target: PathBuf,
+    meta_path: PathBuf,
+    _lock: UploadLock,
+}
+
+impl StagedUpload for LocalUpload {
+    fn offset(&self) -> u64 {
+        self.received
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        if self.received + bytes.len() as u64 > self.size {
+            return Err(Error::remote(
+                ErrorCode::Conflict,
+                "more data than the announced size",
+            ));
+        }
+        self.data.write_all(bytes).map_err(storage_error)?;
+        let complete_before = self.hasher.complete_chunks().len();
+        self.hasher.update(bytes);
+        // Record each finished chunk's hash after its data, so a resume never trusts a
+        // chunk whose bytes were not written.
+        for hash in &self.hasher.complete_chunks()[complete_before..] {
+            self.hashes.write_all(hash).map_err(storage_error)?;
+        }
+        self.received += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn commit(self: Box<Self>, digest: &str) -> Result<CommitReply> {
+        let upload = *self;
+        if upload.received != upload.size {
+            return Err(Error::remote(
+                ErrorCode::Conflict,
+                format!(
+                    "upload incomplete: {} of {} bytes received",
+                    upload.received, upload.size
+                ),
+            ));
+        }
+        let chunks = upload.hasher.finish_chunks();
+        let actual = file_digest(&chunks).to_hex().to_string();
+        if !digest.eq_ignore_ascii_case(&actual) {
+            upload.paths.remove();
+            return Err(Error::remote(
+                ErrorCode::ChecksumMismatch,
+                format!(
+                    "checksum mismatch for {}: the upload was discarded",
+                    upload.name
+                ),
+            ));
+        }
+        upload.data.sync_all().map_err(storage_error)?;
+        fs::rename(&upload.paths.data, &upload.target).map_err(storage_error)?;
+        if let Some(dir) = upload.target.parent() {
+            sync_dir(dir)?;
+        }
+        let meta = fs::metadata(&upload.target)?;
+        // The cache is only an optimisation; a failure here costs a re-hash later.
+        let _ = write_meta(&upload.meta_path, &FileStamp::of(&meta), &chunks);
+        upload.paths.remove();
+        Ok(CommitReply {
+            size: upload.size,
+            digest: actual,
+        })
+    }
+}
+
+/// Claim of one (user, name) upload slot, released on drop.
+struct UploadLock {
+    set: Arc<Mutex<HashSet<(String, String)>>>,
+    key: (String, String),
+}
+
+impl UploadLock {
+    fn take(
+        set: &Arc<Mutex<HashSet<(String, String)>>>,
+        user: &str,
+        name: &str,
+    ) -> Result<UploadLock> {
+        let key = (user.to_string(), name.to_string());
+        if !set.lock().unwrap().insert(key.clone()) {
+            return Err(Error::remote(
+                ErrorCode::Busy,
+                format!("{name} is being uploaded by another connection; try again later"),
+            ));
+        }
+        Ok(UploadLock {
+            set: set.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for UploadLock {
+    fn drop(&mut self) {
+        self.set.lock().unwrap().remove(&self.key);
+    }
+}
+
+struct PartialPaths {
+    data: PathBuf,
+    hashes: PathBuf,
+    info: PathBuf,
+}
+
+impl PartialPaths {
+    fn from_info(info: &Path) -> PartialPaths {
+        PartialPaths {
+            data: info.with_extension("data"),
+            hashes: info.with_extension("hashes"),
+            info: info.to_path_buf(),
+        }
+    }
+
+    fn remove(&self) {
+        for path in [&self.info, &self.hashes, &self.data] {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+/// The chunk hashes of a staged upload that can be continued: same name and size, and
+/// only chunks whose bytes are all on disk.
+fn staged_prefix(paths: &PartialPaths, name: &str, size: u64) -> Option<Vec<ChunkHash>> {
+    let info = read_partial_info(&paths.info).ok()?;
+    if info.name != name || info.size != size {
+        return None;
+    }
+    let data_len = fs::metadata(&paths.data).ok()?.len();
+    let raw = fs::read(&paths.hashes).ok()?;
+    let max_chunks = (data_len / CHUNK_SIZE).min(size / CHUNK_SIZE) as usize;
+    let chunks: Vec<ChunkHash> = raw
+        .chunks_exact(32)
+        .take(max_chunks)
+        .map(|c| c.try_into().unwrap())
+        .collect();
+    Some(chunks)
+}
+
+fn read_partial_info(path: &Path) -> Result<PartialInfo> {
+    let bytes = fs::read(path)?;
+    serde_json::from_slice(&bytes).map_err(|e| internal(e.to_string()))
+}
+
+/// What identifies one version of a file for the chunk-hash cache.
+#[derive(PartialEq, Eq)]
+struct FileStamp {
+    size: u64,
+    mtime_ns: i128,
+    inode: u64,
+}
+
+impl FileStamp {
+    fn of(meta: &fs::Metadata) -> FileStamp {
+        FileStamp {
+            size: meta.len(),
+            mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+            inode: meta.ino(),
+        }
+    }
+
+    fn encode(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out[..8].copy_from_slice(&self.size.to_le_bytes());
+        out[8..24].copy_from_slice(&self.mtime_ns.to_le_bytes());
+        out[24..].copy_from_slice(&self.inode.to_le_bytes());
+        out
+    }
+}
+
+/// The cache file: a 32-byte [`FileStamp`] then the chunk hashes.
+fn read_meta(path: &Path, stamp: &FileStamp) -> Option<Vec<ChunkHash>> {
+    let raw = fs::read(path).ok()?;
+    let expected_chunks = stamp.size.div_ceil(CHUNK_SIZE) as usize;
+    if raw.len() != 32 + expected_chunks * 32 || raw[..32] != stamp.encode() {
+        return None;
+    }
+    Some(
+        raw[32..]
+            .chunks_exact(32)
+            .map(|c| c.try_into().unwrap())
+            .collect(),
+    )
+}
+
+fn write_meta(path: &Path, stamp: &FileStamp, chunks: &[ChunkHash]) -> Result<()> {
+    let mut raw = Vec::with_capacity(32 + chunks.len() * 32);
+    raw.extend_from_slice(&stamp.encode());
+    for chunk in chunks {
+        raw.extend_from_slice(chunk);
+    }
+    let tmp = path.with_extension("meta.tmp");
+    fs::write(&tmp, raw)?;
+    fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Staging and cache files are named by a hash of the file name: fixed length, no
+/// characters the file system could mind.
+fn name_key(name: &str) -> String {
+    blake3::hash(name.as_bytes()).to_hex()[..32].to_string()
+}
+
+fn open_no_follow(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// fsync a folder, so a rename or create in it is durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// A disk-full or quota error becomes [`ErrorCode::NoSpace`]; others stay IO errors.
+fn storage_error(e: io::Error) -> Error {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
+            Error::remote(ErrorCode::NoSpace, "the server's disk is full")
+        }
+        _ => Error::Io(e),
+    }
+}
+
+fn internal(message: String) -> Error {
+    Error::remote(ErrorCode::Internal, message)
+}
+
+/// A time as ISO 8601 UTC with second precision, e.g. `2026-11-23T17:05:49Z`.
+pub fn iso8601(time: SystemTime) -> String {
+    let time = time::OffsetDateTime::from(time);
+    let format =
+        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
+    time.format(&format).unwrap_or_default()
+}

@@ -1,0 +1,136 @@
+//! Moving file bodies between a connection and blocking disk code.
+//!
+//! The socket side runs on the async runtime; reading or writing the file (and hashing)
+//! runs on a blocking thread. A few large buffers circulate between the two, so disk IO,
+//! hashing and socket IO overlap and no buffer is allocated per chunk.
+
+use std::sync::mpsc;
+
+use crate::error::{Error, ErrorCode, Result};
+use crate::protocol::{Connection, IO_BUFFER_SIZE};
+
+/// Buffers in flight per transfer: enough to keep both sides busy, few enough to keep
+/// memory per connection small.
+const PIPE_BUFFERS: usize = 3;
+
+/// Where received body bytes go (a staged upload, a local file being downloaded).
+pub trait BodySink: Send + 'static {
+    fn write(&mut self, bytes: &[u8]) -> Result<()>;
+}
+
+/// Where sent body bytes come from. Returns 0 only at the end.
+pub trait BodySource: Send + 'static {
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize>;
+}
+
+/// Receive exactly `len` body bytes into `sink`. If the sink fails, the rest of the body
+/// is read and dropped so the connection stays in step, and the sink's error is returned.
+pub async fn receive_body<S: BodySink>(
+    conn: &mut Connection,
+    len: u64,
+    sink: S,
+    progress: &mut (dyn FnMut(u64) + Send),
+) -> Result<S> {
+    let (full_tx, full_rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(PIPE_BUFFERS);
+    let (empty_tx, mut empty_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(PIPE_BUFFERS);
+    for _ in 0..PIPE_BUFFERS {
+        let _ = empty_tx.try_send(vec![0u8; IO_BUFFER_SIZE.min(len.max(1) as usize)]);
+    }
+    let worker = tokio::task::spawn_blocking(move || -> Result<S> {
+        let mut sink = sink;
+        for (buf, n) in full_rx {
+            sink.write(&buf[..n])?;
+            if empty_tx.blocking_send(buf).is_err() {
+                break;
+            }
+        }
+        Ok(sink)
+    });
+
+    let mut remaining = len;
+    while remaining > 0 {
+        // None: the worker stopped early because the sink failed.
+        let Some(mut buf) = empty_rx.recv().await else {
+            break;
+        };
+        let want = buf.len().min(remaining as usize);
+        let n = conn.read_body_some(&mut buf[..want]).await?;
+        remaining -= n as u64;
+        progress(n as u64);
+        // Never blocks: the channel holds as many entries as there are buffers.
+        if full_tx.send((buf, n)).is_err() {
+            break;
+        }
+    }
+    drop(full_tx);
+    let result = join(worker).await;
+    if remaining > 0 {
+        conn.skip_body(remaining).await?;
+    }
+    result
+}
+
+/// Send exactly `len` body bytes from `source`. A source that ends early or fails leaves
+/// the connection out of step: the caller must close it.
+pub async fn send_body<S: BodySource>(
+    conn: &mut Connection,
+    len: u64,
+    source: S,
+    progress: &mut (dyn FnMut(u64) + Send),
+) -> Result<S> {
+    let (full_tx, mut full_rx) = tokio::sync::mpsc::channel::<(Vec<u8>, usize)>(PIPE_BUFFERS);
+    let (empty_tx, empty_rx) = mpsc::sync_channel::<Vec<u8>>(PIPE_BUFFERS);
+    for _ in 0..PIPE_BUFFERS {
+        let _ = empty_tx.try_send(vec![0u8; IO_BUFFER_SIZE.min(len.max(1) as usize)]);
+    }
+    let worker = tokio::task::spawn_blocking(move || -> Result<S> {
+        let mut source = source;
+        let mut remaining = len;
+        while remaining > 0 {
+            let Ok(mut buf) = empty_rx.recv() else { break };
+            let want = buf.len().min(remaining as usize);
+            let mut filled = 0;
+            while filled < want {
+                match source.read(&mut buf[filled..want])? {
+                    0 => break,
+                    n => filled += n,
+                }
+            }
+            if filled == 0 {
+                return Err(Error::Invalid(
+                    "the file shrank while it was being sent".into(),
+                ));
+            }
+            remaining -= filled as u64;
+            if full_tx.blocking_send((buf, filled)).is_err() {
+                break;
+            }
+        }
+        Ok(source)
+    });
+
+    let mut remaining = len;
+    while remaining > 0 {
+        let Some((buf, n)) = full_rx.recv().await else {
+            break;
+        };
+        conn.write_body(&buf[..n]).await?;
+        remaining -= n as u64;
+        progress(n as u64);
+        let _ = empty_tx.send(buf);
+    }
+    drop(empty_tx);
+    let source = join(worker).await?;
+    if remaining > 0 {
+        return Err(Error::Invalid(
+            "the file shrank while it was being sent".into(),
+        ));
+    }
+    Ok(source)
+}
+
+async fn join<T>(worker: tokio::task::JoinHandle<Result<T>>) -> Result<T> {
+    worker
+        .await
+        .map_err(|e| Error::remote(ErrorCode::Internal, format!("transfer worker failed: {e}")))?
+}
