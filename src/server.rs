@@ -101,13 +101,14 @@ impl Server {
             users = self.shared.users.len(),
             "netdisk server listening"
         );
-        spawn_partial_expiry(self.shared.clone());
+        let expiry = spawn_partial_expiry(self.shared.clone());
         let limit = Arc::new(Semaphore::new(self.shared.config.max_connections));
         tokio::pin!(shutdown);
         loop {
             let (socket, peer) = tokio::select! {
                 _ = &mut shutdown => {
                     info!("shutting down");
+                    expiry.abort();
                     return Ok(());
                 }
                 accepted = self.listener.accept() => match accepted {
@@ -175,7 +176,7 @@ fn load_or_create_secret(path: &Path) -> Result<Vec<u8>> {
     Ok(secret)
 }
 
-fn spawn_partial_expiry(shared: Arc<Shared>) {
+fn spawn_partial_expiry(shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let max_idle = shared.config.partial_max_idle;
         let every = (max_idle / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600));
@@ -189,7 +190,7 @@ fn spawn_partial_expiry(shared: Arc<Shared>) {
             }
             tokio::time::sleep(every).await;
         }
-    });
+    })
 }
 
 async fn refuse_busy(socket: TcpStream, peer: SocketAddr) {

@@ -22,6 +22,7 @@ use rust_xlsxwriter::Workbook;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use crate::names::check_user_name;
 use crate::scram::{Verifier, MIN_ITERATIONS};
 
 /// Name of the only worksheet.
@@ -36,8 +37,6 @@ pub const HEADER: [&str; 7] = [
     "scram_stored_key",
     "scram_server_key",
 ];
-/// Longest accepted user name.
-pub const MAX_NAME_LEN: usize = 64;
 
 /// One user as stored in the table.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,14 +65,6 @@ pub enum UserTableError {
     Io(#[from] std::io::Error),
 }
 
-/// User names are 1 to [`MAX_NAME_LEN`] characters of `[A-Za-z0-9_.-]`.
-pub fn is_valid_name(name: &str) -> bool {
-    (1..=MAX_NAME_LEN).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
-}
-
 /// Current time in UTC, second precision, `Z` suffix.
 pub fn now_iso8601() -> String {
     let now = OffsetDateTime::now_utc();
@@ -86,11 +77,12 @@ pub fn now_iso8601() -> String {
 /// rewrites the file atomically.
 pub struct UserTable {
     path: PathBuf,
-    /// The lock is held across the file write as well. That serializes writers
-    /// (so two of them never race on the file) and lets the in-memory map change
-    /// only after the new file is in place, so memory and file never disagree.
-    /// Readers wait for at most one write; sign-ups are rare.
+    /// The current table. Held only for lookups and the final swap, never during
+    /// file IO, so `get` stays cheap enough to call from async code.
     users: Mutex<BTreeMap<String, UserRecord>>,
+    /// Held for a whole change (check, write, swap): writers are serialized, so
+    /// two never race on the file and a name check cannot go stale before its write.
+    writer: Mutex<()>,
 }
 
 impl UserTable {
@@ -113,6 +105,7 @@ impl UserTable {
         Ok(UserTable {
             path: path.to_path_buf(),
             users: Mutex::new(users),
+            writer: Mutex::new(()),
         })
     }
 
@@ -157,16 +150,16 @@ impl UserTable {
         &self,
         change: impl FnOnce(&mut BTreeMap<String, UserRecord>) -> Result<(), UserTableError>,
     ) -> Result<(), UserTableError> {
-        let mut users = self.lock();
-        let mut next = users.clone();
+        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut next = self.lock().clone();
         change(&mut next)?;
         save(&self.path, &next)?;
-        *users = next;
+        *self.lock() = next;
         Ok(())
     }
 
-    /// A panic while the lock was held cannot have left a half-applied change
-    /// (see `update`), so a poisoned lock is safe to use.
+    /// The map is only ever replaced whole (see `update`), so a panic elsewhere
+    /// cannot have left it half-changed and a poisoned lock is safe to use.
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, UserRecord>> {
         self.users.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -174,12 +167,7 @@ impl UserTable {
 
 /// Everything `parse` would refuse, so a record we write can always be read back.
 fn validate(record: &UserRecord) -> Result<(), String> {
-    if !is_valid_name(&record.name) {
-        return Err(format!(
-            "user name {:?} must be 1 to {MAX_NAME_LEN} characters of A-Z a-z 0-9 _ . -",
-            record.name
-        ));
-    }
+    check_user_name(&record.name).map_err(|e| e.to_string())?;
     check_timestamp(&record.registered_at)?;
     if let Some(at) = &record.last_login {
         check_timestamp(at)?;
@@ -373,7 +361,11 @@ fn save(path: &Path, users: &BTreeMap<String, UserRecord>) -> Result<(), UserTab
     // The new table is already visible; reporting failure now would make the
     // caller's view disagree with the file, so only warn.
     if let Err(e) = sync_dir(dir) {
-        tracing::warn!(dir = %dir.display(), error = %e, "cannot fsync folder after replacing the user table");
+        tracing::warn!(
+            dir = %dir.display(),
+            error = %e,
+            "cannot fsync folder after replacing the user table"
+        );
     }
     Ok(())
 }
@@ -558,12 +550,13 @@ mod tests {
     fn invalid_records_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let table = UserTable::open(&dir.path().join("users.xlsx")).unwrap();
-        let long = "x".repeat(MAX_NAME_LEN + 1);
+        let long = "x".repeat(33);
         let bad = [
             record(""),
             record("a b"),
             record("a,b"),
             record("ünï"),
+            record(".hidden"),
             record(&long),
             UserRecord {
                 registered_at: "yesterday".to_string(),
@@ -592,8 +585,6 @@ mod tests {
             );
         }
         assert!(table.is_empty());
-        assert!(is_valid_name(&"x".repeat(MAX_NAME_LEN)));
-        assert!(is_valid_name("A-z_0.9"));
     }
 
     #[test]
@@ -738,7 +729,7 @@ mod tests {
         let cases = [
             (with(0, Data::Empty), "name is missing"),
             (with(0, Data::Float(123.0)), "name must be a text cell"),
-            (with(0, s("bad name")), "user name"),
+            (with(0, s("bad name")), "bad user name"),
             (with(1, Data::Empty), "registered_at is missing"),
             (with(1, s("2026-11-23")), "timestamp"),
             (with(2, s("later")), "timestamp"),

@@ -1,0 +1,134 @@
+//! Registration, login and the user table (users.xlsx read back with calamine).
+
+mod common;
+
+use calamine::{open_workbook, Data, Reader, Xlsx};
+use common::*;
+use netdisk::scram::MIN_ITERATIONS;
+use netdisk::ErrorCode;
+
+fn read_users_xlsx(root: &std::path::Path) -> Vec<Vec<Data>> {
+    let mut book: Xlsx<_> = open_workbook(root.join("users.xlsx")).unwrap();
+    let sheets = book.sheet_names();
+    assert_eq!(sheets.len(), 1, "one sheet");
+    let range = book.worksheet_range(&sheets[0]).unwrap();
+    range.rows().map(|r| r.to_vec()).collect()
+}
+
+#[tokio::test]
+async fn register_creates_folder_and_row_without_password() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    client.register("alice", PASSWORD, MIN_ITERATIONS).await.unwrap();
+    client.register("00123", PASSWORD, MIN_ITERATIONS).await.unwrap();
+
+    assert!(server.root.join("files/alice").is_dir());
+    assert!(server.root.join("files/00123").is_dir());
+    let rows = read_users_xlsx(&server.root);
+    let header: Vec<String> = rows[0].iter().map(|c| c.to_string()).collect();
+    assert_eq!(header[0], "name");
+    assert!(header.iter().any(|h| h.contains("stored_key")));
+    assert_eq!(rows.len(), 3);
+    // Names are text cells, so "00123" stays "00123" in Excel.
+    assert!(rows.iter().any(|r| r[0] == Data::String("00123".into())));
+    let alice = rows.iter().find(|r| r[0] == Data::String("alice".into())).unwrap();
+    assert!(alice[1].to_string().ends_with('Z'), "registered_at is ISO 8601 UTC");
+    let raw = std::fs::read(server.root.join("users.xlsx")).unwrap();
+    for row in &rows {
+        for cell in row {
+            assert!(!cell.to_string().contains(PASSWORD));
+        }
+    }
+    assert!(!raw.windows(PASSWORD.len()).any(|w| w == PASSWORD.as_bytes()));
+}
+
+#[tokio::test]
+async fn taken_and_bad_names_are_refused() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    client.register("bob", PASSWORD, MIN_ITERATIONS).await.unwrap();
+    let err = client.register("bob", "other", MIN_ITERATIONS).await.unwrap_err();
+    assert!(err.to_string().contains("taken"), "{err}");
+    assert_eq!(err.code(), Some(ErrorCode::NameTaken));
+    for bad in ["", ".hidden", "a/b", "../x", "way-too-long-name-for-netdisk-users"] {
+        let err = client.register(bad, PASSWORD, MIN_ITERATIONS).await.unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::BadName), "{bad}: {err}");
+    }
+    assert_eq!(read_users_xlsx(&server.root).len(), 2);
+}
+
+#[tokio::test]
+async fn login_right_wrong_and_unknown() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    client.register("carol", PASSWORD, MIN_ITERATIONS).await.unwrap();
+    let token = client.login("carol", PASSWORD).await.unwrap();
+    assert_eq!(token.len(), 64);
+
+    let wrong = server.client().await.login("carol", "nope").await.unwrap_err();
+    let unknown = server.client().await.login("nobody", PASSWORD).await.unwrap_err();
+    assert_eq!(wrong.code(), Some(ErrorCode::AuthFailed));
+    assert_eq!(unknown.code(), Some(ErrorCode::AuthFailed));
+    assert_eq!(wrong.to_string(), unknown.to_string(), "same answer for both");
+
+    let rows = read_users_xlsx(&server.root);
+    let carol = rows.iter().find(|r| r[0] == Data::String("carol".into())).unwrap();
+    assert!(carol[2].to_string().ends_with('Z'), "last login recorded");
+}
+
+#[tokio::test]
+async fn tokens_survive_restart_and_logout_revokes() {
+    let server = TestServer::start().await;
+    let mut client = server.user("dave").await;
+    client.logout().await.unwrap();
+    let token = server.client().await.login("dave", PASSWORD).await.unwrap();
+
+    let (dir, root) = server.stop().await;
+    let server = TestServer::start_with(dir, root, |_| {}).await;
+    let mut again = server.client().await;
+    assert_eq!(again.login_with_token(&token).await.unwrap(), "dave");
+    again.logout().await.unwrap();
+    let err = server.client().await.login_with_token(&token).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::AuthFailed));
+}
+
+#[tokio::test]
+async fn server_refuses_to_start_on_a_broken_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("users.xlsx"), b"this is not a spreadsheet").unwrap();
+    let config = netdisk::server::ServerConfig::new("127.0.0.1:0", &root);
+    let err = netdisk::server::Server::bind(config).await.err().expect("must refuse");
+    assert!(err.to_string().contains("users.xlsx"), "{err}");
+    assert_eq!(
+        std::fs::read(root.join("users.xlsx")).unwrap(),
+        b"this is not a spreadsheet",
+        "the table is left alone"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_registrations_all_land_and_one_name_wins_once() {
+    let server = TestServer::start().await;
+    let addr = server.addr_string();
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let addr = addr.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut client = netdisk::client::Client::connect(&addr).await.unwrap();
+            let distinct = client.register(&format!("user{i}"), PASSWORD, MIN_ITERATIONS).await;
+            let same = client.register("popular", PASSWORD, MIN_ITERATIONS).await;
+            (distinct.is_ok(), same.is_ok())
+        }));
+    }
+    let mut winners = 0;
+    for task in tasks {
+        let (distinct, same) = task.await.unwrap();
+        assert!(distinct);
+        winners += same as usize;
+    }
+    assert_eq!(winners, 1);
+    let rows = read_users_xlsx(&server.root);
+    assert_eq!(rows.len(), 1 + 20 + 1);
+}

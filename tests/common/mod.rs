@@ -1,0 +1,143 @@
+//! Shared fixtures: a real server on 127.0.0.1 port 0 with a temporary root, clients of
+//! the library, and the `netdisk` binary.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use netdisk::client::{Client, NoProgress};
+use netdisk::scram::MIN_ITERATIONS;
+use netdisk::server::{Server, ServerConfig};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+
+pub const PASSWORD: &str = "correct horse battery staple";
+
+/// A running server; stopped when dropped.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub root: PathBuf,
+    pub dir: TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        Self::start_with(dir, root, |_| {}).await
+    }
+
+    /// Start on an existing root (a restart), adjusting the config.
+    pub async fn start_with(
+        dir: TempDir,
+        root: PathBuf,
+        adjust: impl FnOnce(&mut ServerConfig),
+    ) -> TestServer {
+        let mut config = ServerConfig::new("127.0.0.1:0", &root);
+        adjust(&mut config);
+        let server = Server::bind(config).await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            server
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        TestServer {
+            addr,
+            root,
+            dir,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Stop accepting and hand back the folder, for a restart on the same root.
+    pub async fn stop(mut self) -> (TempDir, PathBuf) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        (dir, self.root.clone())
+    }
+
+    pub fn addr_string(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.addr_string()).await.unwrap()
+    }
+
+    /// Register `user` (with few SCRAM iterations, to keep tests fast) and log in.
+    pub async fn user(&self, user: &str) -> Client {
+        let mut client = self.client().await;
+        client.register(user, PASSWORD, MIN_ITERATIONS).await.unwrap();
+        client.login(user, PASSWORD).await.unwrap();
+        client
+    }
+
+    pub fn user_file(&self, user: &str, name: &str) -> PathBuf {
+        self.root.join("files").join(user).join(name)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+pub async fn put_bytes(client: &mut Client, dir: &Path, name: &str, bytes: &[u8]) {
+    let path = write_file(dir, &format!("upload-{name}"), bytes);
+    client.put(&path, name, false, &mut NoProgress).await.unwrap();
+}
+
+/// The `netdisk` binary with a private config folder and the server address set.
+pub fn netdisk(server: &str, config: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_netdisk"));
+    cmd.env("NETDISK_SERVER", server)
+        .env("XDG_CONFIG_HOME", config)
+        .env("HOME", config)
+        .env_remove("NETDISK_PASSWORD")
+        .env_remove("RUST_LOG");
+    cmd
+}
+
+/// Run a command (on a blocking thread, so the in-process server keeps serving).
+pub async fn run(mut cmd: Command) -> Output {
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
