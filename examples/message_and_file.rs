@@ -53,10 +53,22 @@ enum Request {
 /// What the server saw, for it to print.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event {
-    Message { peer: SocketAddr, text: String },
-    File { peer: SocketAddr, name: String, size: u64 },
-    Refused { peer: SocketAddr, reason: String },
-    Closed { peer: SocketAddr },
+    Message {
+        peer: SocketAddr,
+        text: String,
+    },
+    File {
+        peer: SocketAddr,
+        name: String,
+        size: u64,
+    },
+    Refused {
+        peer: SocketAddr,
+        reason: String,
+    },
+    Closed {
+        peer: SocketAddr,
+    },
 }
 
 struct FileSink(std::fs::File);
@@ -118,20 +130,18 @@ async fn serve_client(
             .map_err(|e| Error::remote(ErrorCode::BadRequest, format!("bad request: {e}")))?;
         let outcome = match request {
             Request::Close => break,
-            Request::Msg { filesize } => receive_message(&mut conn, filesize).await.map(|text| {
-                Event::Message { peer, text }
-            }),
-            Request::File { filename, filesize } => {
-                match check_file_name(&filename) {
-                    Ok(()) => store_file(&mut conn, dir, &filename, filesize).await,
-                    Err(e) => conn.skip_body(filesize).await.and(Err(e)),
-                }
-                .map(|()| Event::File {
-                    peer,
-                    name: filename,
-                    size: filesize,
-                })
+            Request::Msg { filesize } => receive_message(&mut conn, filesize)
+                .await
+                .map(|text| Event::Message { peer, text }),
+            Request::File { filename, filesize } => match check_file_name(&filename) {
+                Ok(()) => store_file(&mut conn, dir, &filename, filesize).await,
+                Err(e) => conn.skip_body(filesize).await.and(Err(e)),
             }
+            .map(|()| Event::File {
+                peer,
+                name: filename,
+                size: filesize,
+            }),
         };
         match outcome {
             Ok(event) => {

@@ -97,7 +97,9 @@ pub async fn run_command(command: &str, limits: Limits) -> std::io::Result<Outpu
         .process_group(0)
         .kill_on_drop(true)
         .spawn()?;
-    let pgid = child.id().expect("a child that was not waited for has an id");
+    let pgid = child
+        .id()
+        .expect("a child that was not waited for has an id");
     let stdout = child.stdout.take().expect("stdout is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
     let mut stdout = tokio::spawn(read_capped(stdout, limits.max_output));
@@ -200,8 +202,11 @@ async fn serve_client(
     challenge_client(&mut conn, secret, CHECK_TIMEOUT).await?;
     while let Some(header) = conn.read_header().await? {
         let Ok(Request::Run { command }) = serde_json::from_value(header.into()) else {
-            conn.write_error(ErrorCode::BadRequest, r#"expected {"cmd": "run", "command": ...}"#)
-                .await?;
+            conn.write_error(
+                ErrorCode::BadRequest,
+                r#"expected {"cmd": "run", "command": ...}"#,
+            )
+            .await?;
             conn.flush().await?;
             continue;
         };

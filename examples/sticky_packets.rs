@@ -140,7 +140,10 @@ async fn main() -> anyhow::Result<()> {
     for (i, message) in received.iter().enumerate() {
         println!("  message {}: {}", i + 1, show(message));
     }
-    anyhow::ensure!(received == messages, "the framed messages did not arrive intact");
+    anyhow::ensure!(
+        received == messages,
+        "the framed messages did not arrive intact"
+    );
     println!(
         "  -> all {} messages arrived whole and in order.",
         received.len()

@@ -59,7 +59,11 @@ impl ChatMessage {
             Some((len, json)) if u32::from_le_bytes(*len) as usize == json.len() => {
                 decode_header(json)?
             }
-            _ => return Err(Error::Protocol("the datagram is not one netdisk frame".into())),
+            _ => {
+                return Err(Error::Protocol(
+                    "the datagram is not one netdisk frame".into(),
+                ))
+            }
         };
         serde_json::from_value(header.into())
             .map_err(|_| Error::Protocol("the datagram is not a chat message".into()))

@@ -110,10 +110,10 @@ pub fn strftime(format: &str, t: OffsetDateTime) -> Result<String, String> {
 /// One netdisk frame as a datagram: the whole datagram must be exactly one header.
 fn decode_datagram(bytes: &[u8]) -> netdisk::Result<Map<String, Value>> {
     match bytes.split_first_chunk::<4>() {
-        Some((len, json)) if u32::from_le_bytes(*len) as usize == json.len() => {
-            decode_header(json)
-        }
-        _ => Err(Error::Protocol("the datagram is not one netdisk frame".into())),
+        Some((len, json)) if u32::from_le_bytes(*len) as usize == json.len() => decode_header(json),
+        _ => Err(Error::Protocol(
+            "the datagram is not one netdisk frame".into(),
+        )),
     }
 }
 
@@ -124,9 +124,9 @@ pub fn answer(request: &[u8], now: OffsetDateTime) -> Vec<u8> {
             .map_err(|_| Error::Protocol(r#"expected {"format": "..."}"#.into()))
     });
     let reply = match format {
-        Ok(TimeRequest { format }) if format.len() > MAX_FORMAT_LEN => Err(format!(
-            "the format is longer than {MAX_FORMAT_LEN} bytes"
-        )),
+        Ok(TimeRequest { format }) if format.len() > MAX_FORMAT_LEN => {
+            Err(format!("the format is longer than {MAX_FORMAT_LEN} bytes"))
+        }
         Ok(TimeRequest { format }) if format.is_empty() => strftime(DEFAULT_FORMAT, now),
         Ok(TimeRequest { format }) => strftime(&format, now),
         Err(e) => Err(e.to_string()),

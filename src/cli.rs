@@ -234,6 +234,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let mut config = ServerConfig::new(args.listen, args.root);
     config.max_connections = args.max_connections.max(1);

@@ -19,8 +19,14 @@ fn read_users_xlsx(root: &std::path::Path) -> Vec<Vec<Data>> {
 async fn register_creates_folder_and_row_without_password() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
-    client.register("alice", PASSWORD, MIN_ITERATIONS).await.unwrap();
-    client.register("00123", PASSWORD, MIN_ITERATIONS).await.unwrap();
+    client
+        .register("alice", PASSWORD, MIN_ITERATIONS)
+        .await
+        .unwrap();
+    client
+        .register("00123", PASSWORD, MIN_ITERATIONS)
+        .await
+        .unwrap();
 
     assert!(server.root.join("files/alice").is_dir());
     assert!(server.root.join("files/00123").is_dir());
@@ -31,27 +37,50 @@ async fn register_creates_folder_and_row_without_password() {
     assert_eq!(rows.len(), 3);
     // Names are text cells, so "00123" stays "00123" in Excel.
     assert!(rows.iter().any(|r| r[0] == Data::String("00123".into())));
-    let alice = rows.iter().find(|r| r[0] == Data::String("alice".into())).unwrap();
-    assert!(alice[1].to_string().ends_with('Z'), "registered_at is ISO 8601 UTC");
+    let alice = rows
+        .iter()
+        .find(|r| r[0] == Data::String("alice".into()))
+        .unwrap();
+    assert!(
+        alice[1].to_string().ends_with('Z'),
+        "registered_at is ISO 8601 UTC"
+    );
     let raw = std::fs::read(server.root.join("users.xlsx")).unwrap();
     for row in &rows {
         for cell in row {
             assert!(!cell.to_string().contains(PASSWORD));
         }
     }
-    assert!(!raw.windows(PASSWORD.len()).any(|w| w == PASSWORD.as_bytes()));
+    assert!(!raw
+        .windows(PASSWORD.len())
+        .any(|w| w == PASSWORD.as_bytes()));
 }
 
 #[tokio::test]
 async fn taken_and_bad_names_are_refused() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
-    client.register("bob", PASSWORD, MIN_ITERATIONS).await.unwrap();
-    let err = client.register("bob", "other", MIN_ITERATIONS).await.unwrap_err();
+    client
+        .register("bob", PASSWORD, MIN_ITERATIONS)
+        .await
+        .unwrap();
+    let err = client
+        .register("bob", "other", MIN_ITERATIONS)
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("taken"), "{err}");
     assert_eq!(err.code(), Some(ErrorCode::NameTaken));
-    for bad in ["", ".hidden", "a/b", "../x", "way-too-long-name-for-netdisk-users"] {
-        let err = client.register(bad, PASSWORD, MIN_ITERATIONS).await.unwrap_err();
+    for bad in [
+        "",
+        ".hidden",
+        "a/b",
+        "../x",
+        "way-too-long-name-for-netdisk-users",
+    ] {
+        let err = client
+            .register(bad, PASSWORD, MIN_ITERATIONS)
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), Some(ErrorCode::BadName), "{bad}: {err}");
     }
     assert_eq!(read_users_xlsx(&server.root).len(), 2);
@@ -61,18 +90,38 @@ async fn taken_and_bad_names_are_refused() {
 async fn login_right_wrong_and_unknown() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
-    client.register("carol", PASSWORD, MIN_ITERATIONS).await.unwrap();
+    client
+        .register("carol", PASSWORD, MIN_ITERATIONS)
+        .await
+        .unwrap();
     let token = client.login("carol", PASSWORD).await.unwrap();
     assert_eq!(token.len(), 64);
 
-    let wrong = server.client().await.login("carol", "nope").await.unwrap_err();
-    let unknown = server.client().await.login("nobody", PASSWORD).await.unwrap_err();
+    let wrong = server
+        .client()
+        .await
+        .login("carol", "nope")
+        .await
+        .unwrap_err();
+    let unknown = server
+        .client()
+        .await
+        .login("nobody", PASSWORD)
+        .await
+        .unwrap_err();
     assert_eq!(wrong.code(), Some(ErrorCode::AuthFailed));
     assert_eq!(unknown.code(), Some(ErrorCode::AuthFailed));
-    assert_eq!(wrong.to_string(), unknown.to_string(), "same answer for both");
+    assert_eq!(
+        wrong.to_string(),
+        unknown.to_string(),
+        "same answer for both"
+    );
 
     let rows = read_users_xlsx(&server.root);
-    let carol = rows.iter().find(|r| r[0] == Data::String("carol".into())).unwrap();
+    let carol = rows
+        .iter()
+        .find(|r| r[0] == Data::String("carol".into()))
+        .unwrap();
     assert!(carol[2].to_string().ends_with('Z'), "last login recorded");
 }
 
@@ -88,7 +137,12 @@ async fn tokens_survive_restart_and_logout_revokes() {
     let mut again = server.client().await;
     assert_eq!(again.login_with_token(&token).await.unwrap(), "dave");
     again.logout().await.unwrap();
-    let err = server.client().await.login_with_token(&token).await.unwrap_err();
+    let err = server
+        .client()
+        .await
+        .login_with_token(&token)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::AuthFailed));
 }
 
@@ -99,7 +153,10 @@ async fn server_refuses_to_start_on_a_broken_table() {
     std::fs::create_dir_all(&root).unwrap();
     std::fs::write(root.join("users.xlsx"), b"this is not a spreadsheet").unwrap();
     let config = netdisk::server::ServerConfig::new("127.0.0.1:0", &root);
-    let err = netdisk::server::Server::bind(config).await.err().expect("must refuse");
+    let err = netdisk::server::Server::bind(config)
+        .await
+        .err()
+        .expect("must refuse");
     assert!(err.to_string().contains("users.xlsx"), "{err}");
     assert_eq!(
         std::fs::read(root.join("users.xlsx")).unwrap(),
@@ -117,7 +174,9 @@ async fn concurrent_registrations_all_land_and_one_name_wins_once() {
         let addr = addr.clone();
         tasks.push(tokio::spawn(async move {
             let mut client = netdisk::client::Client::connect(&addr).await.unwrap();
-            let distinct = client.register(&format!("user{i}"), PASSWORD, MIN_ITERATIONS).await;
+            let distinct = client
+                .register(&format!("user{i}"), PASSWORD, MIN_ITERATIONS)
+                .await;
             let same = client.register("popular", PASSWORD, MIN_ITERATIONS).await;
             (distinct.is_ok(), same.is_ok())
         }));

@@ -64,9 +64,12 @@ async fn sticky_packets_framed_messages_arrive_intact_and_in_order() {
 #[tokio::test]
 async fn sticky_packets_raw_reads_ignore_message_boundaries() {
     // Whatever the reads return, they are pieces of one byte stream.
-    let reads = bounded(sticky_packets::raw_exchange(&[b"hello", b"feng"], &[10, 10]))
-        .await
-        .unwrap();
+    let reads = bounded(sticky_packets::raw_exchange(
+        &[b"hello", b"feng"],
+        &[10, 10],
+    ))
+    .await
+    .unwrap();
     assert_eq!(reads.concat(), b"hellofeng");
     // A 2-byte read cannot hold a 10-byte message: it is split.
     let reads = bounded(sticky_packets::raw_exchange(&[b"hello feng"], &[2, 10]))
@@ -292,9 +295,15 @@ async fn udp_chat_messages_reach_the_server_and_replies_come_back() {
     server.reply(bob_addr, "hello bob").await.unwrap();
     server.reply(alice_addr, "hello alice").await.unwrap();
     let reply = bounded(alice.recv()).await.unwrap();
-    assert_eq!((reply.from.as_str(), reply.text.as_str()), ("server", "hello alice"));
+    assert_eq!(
+        (reply.from.as_str(), reply.text.as_str()),
+        ("server", "hello alice")
+    );
     let reply = bounded(bob.recv()).await.unwrap();
-    assert_eq!((reply.from.as_str(), reply.text.as_str()), ("server", "hello bob"));
+    assert_eq!(
+        (reply.from.as_str(), reply.text.as_str()),
+        ("server", "hello bob")
+    );
 }
 
 #[tokio::test]
@@ -362,7 +371,9 @@ async fn message_and_file_messages_files_bad_names_and_quit() {
     let size = bounded(client.send_file(path)).await.unwrap();
     assert_eq!(size, content.len() as u64);
     match bounded(seen.recv()).await.unwrap() {
-        Event::File { name, size: got, .. } => assert_eq!((name.as_str(), got), ("photo.bin", size)),
+        Event::File {
+            name, size: got, ..
+        } => assert_eq!((name.as_str(), got), ("photo.bin", size)),
         other => panic!("expected a file, got {other:?}"),
     }
     assert!(std::fs::read(store.join("photo.bin")).unwrap() == content);
@@ -382,14 +393,19 @@ async fn message_and_file_messages_files_bad_names_and_quit() {
     raw.flush().await.unwrap();
     let err = bounded(raw.read_reply::<Done>()).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::BadName), "{err}");
-    assert!(matches!(bounded(seen.recv()).await.unwrap(), Event::Refused { .. }));
+    assert!(matches!(
+        bounded(seen.recv()).await.unwrap(),
+        Event::Refused { .. }
+    ));
     raw.write_header(&serde_json::json!({"cmd": "msg", "filesize": 2}))
         .await
         .unwrap();
     raw.write_body(b"ok").await.unwrap();
     raw.flush().await.unwrap();
     bounded(raw.read_reply::<Done>()).await.unwrap();
-    assert!(matches!(bounded(seen.recv()).await.unwrap(), Event::Message { text, .. } if text == "ok"));
+    assert!(
+        matches!(bounded(seen.recv()).await.unwrap(), Event::Message { text, .. } if text == "ok")
+    );
     assert!(!root.path().join("x").exists());
     let stored: Vec<_> = std::fs::read_dir(&store)
         .unwrap()
@@ -403,5 +419,8 @@ async fn message_and_file_messages_files_bad_names_and_quit() {
     assert_eq!(message_and_file::parse_line(""), Ok(Input::Nothing));
     assert!(message_and_file::parse_line("hello").is_err());
     bounded(client.close()).await.unwrap();
-    assert!(matches!(bounded(seen.recv()).await.unwrap(), Event::Closed { .. }));
+    assert!(matches!(
+        bounded(seen.recv()).await.unwrap(),
+        Event::Closed { .. }
+    ));
 }

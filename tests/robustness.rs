@@ -48,7 +48,10 @@ async fn still_serves(server: &TestServer) {
     assert_eq!(listing.len(), 1);
     let work = tempfile::tempdir().unwrap();
     let out = work.path().join("k");
-    client.get("keep.txt", &out, false, &mut NoProgress).await.unwrap();
+    client
+        .get("keep.txt", &out, false, &mut NoProgress)
+        .await
+        .unwrap();
     assert_eq!(std::fs::read(out).unwrap(), b"kept");
 }
 
@@ -119,11 +122,21 @@ async fn body_shorter_than_announced_leaves_no_file() {
     drop(client);
     let mut bytes = hello();
     bytes.extend(encode_header(&serde_json::json!({"cmd": "auth_token", "token": token})).unwrap());
-    bytes.extend(encode_header(&serde_json::json!({"cmd": "put", "filename": "cut.bin", "size": 1000})).unwrap());
-    bytes.extend(encode_header(&serde_json::json!({"cmd": "put_data", "offset": 0, "filesize": 1000})).unwrap());
+    bytes.extend(
+        encode_header(&serde_json::json!({"cmd": "put", "filename": "cut.bin", "size": 1000}))
+            .unwrap(),
+    );
+    bytes.extend(
+        encode_header(&serde_json::json!({"cmd": "put_data", "offset": 0, "filesize": 1000}))
+            .unwrap(),
+    );
     bytes.extend_from_slice(&[7u8; 400]);
     let got = replies(&raw_exchange(&server, &bytes).await);
-    assert_eq!(got.len(), 3, "hello, auth, put answered; then the cut: {got:?}");
+    assert_eq!(
+        got.len(),
+        3,
+        "hello, auth, put answered; then the cut: {got:?}"
+    );
     assert!(!server.user_file("keeper", "cut.bin").exists());
     let mut client = server.client().await;
     client.login("keeper", PASSWORD).await.unwrap();
@@ -140,8 +153,12 @@ async fn data_at_a_wrong_offset_is_a_conflict() {
     let token = client.login("keeper", PASSWORD).await.unwrap();
     let mut bytes = hello();
     bytes.extend(encode_header(&serde_json::json!({"cmd": "auth_token", "token": token})).unwrap());
-    bytes.extend(encode_header(&serde_json::json!({"cmd": "put", "filename": "x", "size": 10})).unwrap());
-    bytes.extend(encode_header(&serde_json::json!({"cmd": "put_data", "offset": 5, "filesize": 5})).unwrap());
+    bytes.extend(
+        encode_header(&serde_json::json!({"cmd": "put", "filename": "x", "size": 10})).unwrap(),
+    );
+    bytes.extend(
+        encode_header(&serde_json::json!({"cmd": "put_data", "offset": 5, "filesize": 5})).unwrap(),
+    );
     bytes.extend_from_slice(b"12345");
     bytes.extend(encode_header(&serde_json::json!({"cmd": "ls"})).unwrap());
     let got = replies(&raw_exchange(&server, &bytes).await);
@@ -160,7 +177,11 @@ async fn random_garbage_then_a_good_client() {
         raw_exchange(&server, &bytes).await;
         // Truncated valid frames too.
         let frame = encode_header(&serde_json::json!({"cmd": "ls"})).unwrap();
-        raw_exchange(&server, &[hello(), frame[..(seed as usize % frame.len())].to_vec()].concat()).await;
+        raw_exchange(
+            &server,
+            &[hello(), frame[..(seed as usize % frame.len())].to_vec()].concat(),
+        )
+        .await;
     }
     still_serves(&server).await;
 }
@@ -176,14 +197,26 @@ async fn fifty_clients_at_once() {
             let work = tempfile::tempdir().unwrap();
             let mut client = netdisk::client::Client::connect(&addr).await.unwrap();
             let user = format!("u{i}");
-            client.register(&user, PASSWORD, netdisk::scram::MIN_ITERATIONS).await.unwrap();
+            client
+                .register(&user, PASSWORD, netdisk::scram::MIN_ITERATIONS)
+                .await
+                .unwrap();
             client.login(&user, PASSWORD).await.unwrap();
             let data = random_bytes(100_000 + i * 1000, i as u64);
             put_bytes(&mut client, work.path(), "mine.bin", &data).await;
             let out = work.path().join("back");
-            client.get("mine.bin", &out, false, &mut NoProgress).await.unwrap();
+            client
+                .get("mine.bin", &out, false, &mut NoProgress)
+                .await
+                .unwrap();
             assert!(std::fs::read(&out).unwrap() == data);
-            let names: Vec<_> = client.list().await.unwrap().into_iter().map(|e| e.name).collect();
+            let names: Vec<_> = client
+                .list()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| e.name)
+                .collect();
             assert_eq!(names, ["mine.bin"]);
         }));
     }
@@ -213,7 +246,8 @@ async fn idle_connections_are_dropped() {
     let mut slowloris = TcpStream::connect(server.addr).await.unwrap();
     slowloris.write_all(&hello()[..3]).await.unwrap();
     let mut rest = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), slowloris.read_to_end(&mut rest)).await;
+    let read =
+        tokio::time::timeout(Duration::from_secs(10), slowloris.read_to_end(&mut rest)).await;
     assert!(read.is_ok(), "the server closed the half-sent connection");
 }
 
@@ -223,6 +257,13 @@ async fn connection_limit_refuses_politely() {
     let root = dir.path().join("root");
     let server = TestServer::start_with(dir, root, |c| c.max_connections = 1).await;
     let _first = server.client().await;
-    let err = netdisk::client::Client::connect(&server.addr_string()).await.err().unwrap();
-    assert_eq!(err.code(), Some(netdisk::ErrorCode::TooManyRequests), "{err}");
+    let err = netdisk::client::Client::connect(&server.addr_string())
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(
+        err.code(),
+        Some(netdisk::ErrorCode::TooManyRequests),
+        "{err}"
+    );
 }

@@ -39,7 +39,10 @@ async fn put_ls_get_round_trip_with_overwrite_and_empty_file() {
     put_bytes(&mut client, work.path(), "a.txt", b"first version").await;
     put_bytes(&mut client, work.path(), "a.txt", b"second").await;
     put_bytes(&mut client, work.path(), "empty", b"").await;
-    assert_eq!(std::fs::read(server.user_file("alice", "a.txt")).unwrap(), b"second");
+    assert_eq!(
+        std::fs::read(server.user_file("alice", "a.txt")).unwrap(),
+        b"second"
+    );
 
     let listing = client.list().await.unwrap();
     let names: Vec<_> = listing.iter().map(|e| (e.name.as_str(), e.size)).collect();
@@ -47,11 +50,17 @@ async fn put_ls_get_round_trip_with_overwrite_and_empty_file() {
     assert!(listing[0].modified.ends_with('Z'));
 
     let out = work.path().join("out.txt");
-    let outcome = client.get("a.txt", &out, false, &mut NoProgress).await.unwrap();
+    let outcome = client
+        .get("a.txt", &out, false, &mut NoProgress)
+        .await
+        .unwrap();
     assert_eq!(std::fs::read(&out).unwrap(), b"second");
     assert_eq!(outcome.size, 6);
     let out = work.path().join("out-empty");
-    client.get("empty", &out, false, &mut NoProgress).await.unwrap();
+    client
+        .get("empty", &out, false, &mut NoProgress)
+        .await
+        .unwrap();
     assert_eq!(std::fs::read(&out).unwrap(), b"");
 }
 
@@ -65,7 +74,10 @@ async fn large_file_larger_than_every_buffer() {
     put_bytes(&mut client, work.path(), "big.bin", &data).await;
     assert!(std::fs::read(server.user_file("big", "big.bin")).unwrap() == data);
     let out = work.path().join("big.out");
-    client.get("big.bin", &out, false, &mut NoProgress).await.unwrap();
+    client
+        .get("big.bin", &out, false, &mut NoProgress)
+        .await
+        .unwrap();
     assert!(std::fs::read(&out).unwrap() == data);
 }
 
@@ -81,8 +93,19 @@ async fn missing_file_and_bad_names_get_clear_errors() {
     assert_eq!(err.code(), Some(ErrorCode::NotFound));
     assert!(err.to_string().contains("nope.txt"));
     let local = write_file(work.path(), "f", b"x");
-    for bad in ["../escape", "/etc/passwd", "..", ".", "a/b", "nul\0byte", ""] {
-        let err = client.put(&local, bad, false, &mut NoProgress).await.unwrap_err();
+    for bad in [
+        "../escape",
+        "/etc/passwd",
+        "..",
+        ".",
+        "a/b",
+        "nul\0byte",
+        "",
+    ] {
+        let err = client
+            .put(&local, bad, false, &mut NoProgress)
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), Some(ErrorCode::BadName), "{bad:?}");
     }
     assert!(!server.root.join("files/escape").exists());
@@ -97,7 +120,10 @@ async fn symlinks_out_of_the_folder_are_not_followed() {
     std::os::unix::fs::symlink(&secret, server.user_file("frank", "link")).unwrap();
     let work = tempfile::tempdir().unwrap();
 
-    assert!(client.list().await.unwrap().is_empty(), "symlinks are not listed");
+    assert!(
+        client.list().await.unwrap().is_empty(),
+        "symlinks are not listed"
+    );
     let err = client
         .get("link", &work.path().join("x"), false, &mut NoProgress)
         .await
@@ -106,7 +132,10 @@ async fn symlinks_out_of_the_folder_are_not_followed() {
     // Uploading over the link replaces the link, never writes through it.
     put_bytes(&mut client, work.path(), "link", b"mine").await;
     assert_eq!(std::fs::read(&secret).unwrap(), b"top secret");
-    assert_eq!(std::fs::read(server.user_file("frank", "link")).unwrap(), b"mine");
+    assert_eq!(
+        std::fs::read(server.user_file("frank", "link")).unwrap(),
+        b"mine"
+    );
 }
 
 #[tokio::test]
@@ -118,12 +147,20 @@ async fn users_are_isolated() {
     put_bytes(&mut alice, work.path(), "private.txt", b"alice only").await;
     assert!(bob.list().await.unwrap().is_empty());
     let err = bob
-        .get("private.txt", &work.path().join("x"), false, &mut NoProgress)
+        .get(
+            "private.txt",
+            &work.path().join("x"),
+            false,
+            &mut NoProgress,
+        )
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::NotFound));
     put_bytes(&mut bob, work.path(), "private.txt", b"bob's").await;
-    assert_eq!(std::fs::read(server.user_file("alice", "private.txt")).unwrap(), b"alice only");
+    assert_eq!(
+        std::fs::read(server.user_file("alice", "private.txt")).unwrap(),
+        b"alice only"
+    );
 }
 
 #[tokio::test]
@@ -146,7 +183,10 @@ async fn get_resumes_after_a_real_cut() {
     // Cut the connection once more than half has arrived.
     cut_download(&server, "movie.bin", &out, data.len() as u64 / 2).await;
     let partial = std::fs::metadata(&out).unwrap().len();
-    assert!(partial > 2 * CHUNK_SIZE && partial < data.len() as u64, "{partial}");
+    assert!(
+        partial > 2 * CHUNK_SIZE && partial < data.len() as u64,
+        "{partial}"
+    );
 
     let recorder = Recorder::default();
     let outcome = client
@@ -154,10 +194,21 @@ async fn get_resumes_after_a_real_cut() {
         .await
         .unwrap();
     assert!(std::fs::read(&out).unwrap() == data);
-    assert!(outcome.resumed_from >= 2 * CHUNK_SIZE, "{}", outcome.resumed_from);
+    assert!(
+        outcome.resumed_from >= 2 * CHUNK_SIZE,
+        "{}",
+        outcome.resumed_from
+    );
     let moved = *recorder.moved.lock().unwrap();
-    assert_eq!(moved, data.len() as u64 - outcome.resumed_from, "only the rest was sent");
-    assert_eq!(*recorder.start.lock().unwrap(), Some((data.len() as u64, outcome.resumed_from)));
+    assert_eq!(
+        moved,
+        data.len() as u64 - outcome.resumed_from,
+        "only the rest was sent"
+    );
+    assert_eq!(
+        *recorder.start.lock().unwrap(),
+        Some((data.len() as u64, outcome.resumed_from))
+    );
 }
 
 /// Start a download and cut it once `after` bytes have arrived: the progress callback
@@ -175,7 +226,8 @@ async fn cut_download(server: &TestServer, name: &str, out: &std::path::Path, af
     let mut client = server.client().await;
     client.login("gina", PASSWORD).await.unwrap();
     let (name, out) = (name.to_string(), out.to_path_buf());
-    let task = tokio::spawn(async move { client.get(&name, &out, false, &mut Trip(0, after)).await });
+    let task =
+        tokio::spawn(async move { client.get(&name, &out, false, &mut Trip(0, after)).await });
     assert!(task.await.unwrap_err().is_panic());
 }
 
@@ -192,7 +244,10 @@ async fn resume_notices_a_changed_server_file_and_starts_over() {
     for partial_len in [2 * CHUNK_SIZE as usize, 2 * CHUNK_SIZE as usize + 99] {
         let out = write_file(work.path(), "doc.out", &old[..partial_len]);
         let recorder = Recorder::default();
-        let outcome = client.get("doc.bin", &out, true, &mut recorder.clone()).await.unwrap();
+        let outcome = client
+            .get("doc.bin", &out, true, &mut recorder.clone())
+            .await
+            .unwrap();
         assert!(std::fs::read(&out).unwrap() == new);
         assert_eq!(outcome.resumed_from, 0);
         let notices = recorder.notices.lock().unwrap().join("\n");
@@ -212,9 +267,17 @@ async fn resume_with_bad_data_in_an_earlier_chunk_still_ends_correct() {
     partial[10] ^= 0xff;
     let out = write_file(work.path(), "f.out", &partial);
     let recorder = Recorder::default();
-    client.get("f.bin", &out, true, &mut recorder.clone()).await.unwrap();
+    client
+        .get("f.bin", &out, true, &mut recorder.clone())
+        .await
+        .unwrap();
     assert!(std::fs::read(&out).unwrap() == data);
-    assert!(recorder.notices.lock().unwrap().iter().any(|n| n.contains("starting over")));
+    assert!(recorder
+        .notices
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|n| n.contains("starting over")));
 }
 
 #[tokio::test]
@@ -223,7 +286,11 @@ async fn restart_overwrites_a_local_file() {
     let mut client = server.user("jack").await;
     let work = tempfile::tempdir().unwrap();
     put_bytes(&mut client, work.path(), "a", b"server content").await;
-    let out = write_file(work.path(), "a.out", b"local junk that is longer than the file");
+    let out = write_file(
+        work.path(),
+        "a.out",
+        b"local junk that is longer than the file",
+    );
     client.get("a", &out, false, &mut NoProgress).await.unwrap();
     assert_eq!(std::fs::read(&out).unwrap(), b"server content");
     // Resuming a complete, correct local copy yields the same file.

@@ -77,7 +77,10 @@ impl TestServer {
     /// Register `user` (with few SCRAM iterations, to keep tests fast) and log in.
     pub async fn user(&self, user: &str) -> Client {
         let mut client = self.client().await;
-        client.register(user, PASSWORD, MIN_ITERATIONS).await.unwrap();
+        client
+            .register(user, PASSWORD, MIN_ITERATIONS)
+            .await
+            .unwrap();
         client.login(user, PASSWORD).await.unwrap();
         client
     }
@@ -117,7 +120,10 @@ pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
 
 pub async fn put_bytes(client: &mut Client, dir: &Path, name: &str, bytes: &[u8]) {
     let path = write_file(dir, &format!("upload-{name}"), bytes);
-    client.put(&path, name, false, &mut NoProgress).await.unwrap();
+    client
+        .put(&path, name, false, &mut NoProgress)
+        .await
+        .unwrap();
 }
 
 /// The `netdisk` binary with a private config folder and the server address set.

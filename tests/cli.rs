@@ -1,0 +1,224 @@
+//! The `netdisk` binary driven end to end, as a user would.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Stdio;
+
+use common::*;
+
+struct Env {
+    server: TestServer,
+    config: tempfile::TempDir,
+    work: tempfile::TempDir,
+}
+
+impl Env {
+    async fn new() -> Env {
+        Env {
+            server: TestServer::start().await,
+            config: tempfile::tempdir().unwrap(),
+            work: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn cmd(&self, args: &[&str]) -> std::process::Command {
+        let mut cmd = netdisk(&self.server.addr_string(), self.config.path());
+        cmd.args(args)
+            .current_dir(self.work.path())
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    async fn ok(&self, args: &[&str]) -> String {
+        let out = run(self.cmd(args)).await;
+        assert!(out.status.success(), "{args:?} failed: {}", stderr(&out));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Run a command that must fail; returns its one-line error.
+    async fn fails(&self, args: &[&str]) -> String {
+        let out = run(self.cmd(args)).await;
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = stderr(&out);
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+        err
+    }
+
+    async fn with_password(&self, password: &str, args: &[&str]) -> std::process::Output {
+        let mut cmd = self.cmd(args);
+        cmd.env("NETDISK_PASSWORD", password);
+        run(cmd).await
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.work.path().join(name)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_login_put_ls_get_resume_restart_logout() {
+    let env = Env::new().await;
+    assert!(env
+        .with_password("pw-1", &["register", "carol"])
+        .await
+        .status
+        .success());
+    assert!(env
+        .with_password("pw-1", &["login", "carol"])
+        .await
+        .status
+        .success());
+    let logins = env.config.path().join("netdisk/logins.json");
+    assert_eq!(
+        std::fs::metadata(&logins).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(!std::fs::read_to_string(&logins).unwrap().contains("pw-1"));
+
+    let listing: serde_json::Value =
+        serde_json::from_str(&env.ok(&["ls", "--json"]).await).unwrap();
+    assert_eq!(listing, serde_json::json!([]));
+
+    let data = random_bytes(5_000_000, 9);
+    write_file(env.work.path(), "a.bin", &data);
+    env.ok(&["put", "a.bin"]).await;
+    env.ok(&["put", "a.bin", "copy.bin"]).await;
+    let listing: serde_json::Value =
+        serde_json::from_str(&env.ok(&["ls", "--json"]).await).unwrap();
+    assert_eq!(listing[0]["name"], "a.bin");
+    assert_eq!(listing[0]["size"], 5_000_000);
+    assert_eq!(listing[1]["name"], "copy.bin");
+    assert!(env.ok(&["ls"]).await.contains("copy.bin"));
+
+    env.ok(&["get", "a.bin", "b.bin"]).await;
+    assert!(std::fs::read(env.path("b.bin")).unwrap() == data);
+
+    let err = env.fails(&["get", "a.bin", "b.bin"]).await;
+    assert!(
+        err.contains("--resume") && err.contains("--restart"),
+        "{err}"
+    );
+
+    write_file(env.work.path(), "c.bin", &data[..4_500_000]);
+    let out = run(env.cmd(&["get", "a.bin", "c.bin", "--resume"])).await;
+    assert!(out.status.success());
+    assert!(stderr(&out).contains("resuming"), "{}", stderr(&out));
+    assert!(std::fs::read(env.path("c.bin")).unwrap() == data);
+
+    write_file(env.work.path(), "d.bin", b"junk");
+    env.ok(&["get", "a.bin", "d.bin", "--restart"]).await;
+    assert!(std::fs::read(env.path("d.bin")).unwrap() == data);
+
+    std::fs::create_dir(env.path("into")).unwrap();
+    env.ok(&["get", "copy.bin", "into"]).await;
+    assert!(std::fs::read(env.path("into/copy.bin")).unwrap() == data);
+
+    env.ok(&["logout"]).await;
+    let err = env.fails(&["ls"]).await;
+    assert!(err.contains("not logged in"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_flag_authenticates_one_command_without_saving() {
+    let env = Env::new().await;
+    assert!(env
+        .with_password("pw-2", &["register", "dan"])
+        .await
+        .status
+        .success());
+    write_file(env.work.path(), "x.txt", b"hello");
+    let out = env
+        .with_password("pw-2", &["--user", "dan", "put", "x.txt"])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = env
+        .with_password("pw-2", &["--user", "dan", "ls", "--json"])
+        .await;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("x.txt"));
+    assert!(!env.config.path().join("netdisk/logins.json").exists());
+    let out = env.with_password("wrong", &["--user", "dan", "ls"]).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("wrong user name or password"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_exit_non_zero_with_one_clear_line() {
+    let env = Env::new().await;
+    assert!(env
+        .with_password("pw", &["register", "erin"])
+        .await
+        .status
+        .success());
+    let out = env.with_password("pw", &["register", "erin"]).await;
+    assert!(!out.status.success() && stderr(&out).contains("already taken"));
+    let out = env.with_password("pw", &["register", "bad/name"]).await;
+    assert!(!out.status.success() && stderr(&out).contains("bad user name"));
+    let out = env.with_password("nope", &["login", "erin"]).await;
+    assert!(!out.status.success() && stderr(&out).contains("wrong user name or password"));
+    let out = env.with_password("nope", &["login", "ghost"]).await;
+    assert!(!out.status.success() && stderr(&out).contains("wrong user name or password"));
+
+    assert!(env
+        .with_password("pw", &["login", "erin"])
+        .await
+        .status
+        .success());
+    let err = env.fails(&["get", "missing.txt"]).await;
+    assert!(err.contains("no such file"), "{err}");
+    let err = env.fails(&["put", "does-not-exist.txt"]).await;
+    assert!(err.contains("does-not-exist.txt"), "{err}");
+    write_file(env.work.path(), "ok.txt", b"x");
+    let err = env.fails(&["put", "ok.txt", "../escape"]).await;
+    assert!(err.contains("bad file name"), "{err}");
+
+    let mut cmd = env.cmd(&["ls"]);
+    cmd.env("NETDISK_SERVER", "127.0.0.1:1");
+    let out = run(cmd).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("cannot reach"), "{}", stderr(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn help_on_every_command() {
+    let env = Env::new().await;
+    for command in [
+        "serve", "register", "login", "logout", "ls", "put", "get", "shell",
+    ] {
+        let out = env.ok(&[command, "--help"]).await;
+        assert!(out.contains("Usage:"), "{command}: {out}");
+    }
+    assert!(env.ok(&["--help"]).await.contains("NETDISK_SERVER"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shell_runs_commands_from_its_prompt() {
+    let env = Env::new().await;
+    write_file(env.work.path(), "s.txt", b"shell data");
+    let mut cmd = env.cmd(&["shell"]);
+    cmd.env("NETDISK_PASSWORD", "pw-s")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = cmd.spawn().unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(
+                b"help\nregister sam\nlogin sam\nput s.txt\nls\nget s.txt back.txt\nbogus\nquit\n",
+            )
+            .unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    assert!(text.contains("registered sam"), "{text}");
+    assert!(text.contains("s.txt"));
+    assert!(text.contains("unknown command"));
+    assert_eq!(std::fs::read(env.path("back.txt")).unwrap(), b"shell data");
+}
