@@ -191,3 +191,36 @@ async fn concurrent_registrations_all_land_and_one_name_wins_once() {
     let rows = read_users_xlsx(&server.root);
     assert_eq!(rows.len(), 1 + 20 + 1);
 }
+
+/// openpyxl (what the user's own scripts would use) reads the table too. CI installs it;
+/// elsewhere the test says so and passes only when NETDISK_TEST_REQUIRE_OPENPYXL is unset.
+#[tokio::test]
+async fn users_xlsx_opens_in_openpyxl() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    client.register("00123", PASSWORD, MIN_ITERATIONS).await.unwrap();
+    client.register("zoe", PASSWORD, MIN_ITERATIONS).await.unwrap();
+    let script = r#"
+import sys, openpyxl
+book = openpyxl.load_workbook(sys.argv[1])
+assert len(book.worksheets) == 1
+rows = list(book.worksheets[0].iter_rows(values_only=True))
+print(rows[0][0], len(rows), repr(rows[1][0]), type(rows[1][0]).__name__)
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(server.root.join("users.xlsx"))
+        .output();
+    let available = matches!(&out, Ok(o) if o.status.success() || !String::from_utf8_lossy(&o.stderr).contains("No module named"));
+    if !available {
+        assert!(
+            std::env::var_os("NETDISK_TEST_REQUIRE_OPENPYXL").is_none(),
+            "python3 with openpyxl is required"
+        );
+        eprintln!("skipped: python3 with openpyxl is not installed");
+        return;
+    }
+    let out = out.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "name 3 '00123' str");
+}
