@@ -74,7 +74,7 @@ struct RunReply {
 }
 
 /// The result of one command.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Output {
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
@@ -349,7 +349,7 @@ async fn main() -> anyhow::Result<ExitCode> {
             let server = Server::bind(&listen, &secret_file, limits).await?;
             let addr = server.local_addr()?;
             if !addr.ip().is_loopback() {
-                eprintln!("warning: anyone who can reach {addr} and holds the secret can run commands here");
+                eprintln!("warning: whoever reaches {addr} with the secret can run commands here");
             }
             println!("remote_cmd listening on {addr}");
             server.run().await;

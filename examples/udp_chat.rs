@@ -43,15 +43,16 @@ pub struct ChatMessage {
 }
 
 impl ChatMessage {
+    /// The message as one datagram, or a clear error if it does not fit in one.
     fn to_datagram(&self) -> Result<Vec<u8>> {
-        let datagram = encode_header(self)?;
-        if datagram.len() > MAX_DATAGRAM {
-            return Err(Error::Invalid(format!(
-                "message not sent: it takes {} bytes, more than the {MAX_DATAGRAM} bytes a UDP datagram can carry",
-                datagram.len()
-            )));
+        // (encode_header itself refuses headers over 64 KiB, also too large here.)
+        match encode_header(self) {
+            Ok(datagram) if datagram.len() <= MAX_DATAGRAM => Ok(datagram),
+            _ => Err(Error::Invalid(format!(
+                "message not sent: encoded, it takes more than the {MAX_DATAGRAM} bytes \
+                 a UDP datagram can carry (65535 minus 20 for the IP header and 8 for UDP)"
+            ))),
         }
-        Ok(datagram)
     }
 
     fn from_datagram(bytes: &[u8]) -> Result<ChatMessage> {
@@ -225,7 +226,9 @@ async fn run_client(server: SocketAddr, name: &str) -> anyhow::Result<()> {
         std::io::stdout().flush()?;
         tokio::select! {
             received = client.recv() => match received {
-                Ok(message) => println!("\r[{server}] {}: {}", printable(&message.from), printable(&message.text)),
+                Ok(ChatMessage { from, text }) => {
+                    println!("\r[{server}] {}: {}", printable(&from), printable(&text));
+                }
                 // For instance "connection refused": nobody listens at the server's address.
                 Err(e) => println!("\rerror: {e}"),
             },

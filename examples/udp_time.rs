@@ -117,21 +117,25 @@ fn decode_datagram(bytes: &[u8]) -> netdisk::Result<Map<String, Value>> {
     }
 }
 
-/// The server's answer to one request datagram, at time `now`.
-pub fn answer(request: &[u8], now: OffsetDateTime) -> Vec<u8> {
+/// The server's answer to one request datagram at time `now`: the time, or why not.
+pub fn answer(request: &[u8], now: OffsetDateTime) -> Result<String, String> {
     let format = decode_datagram(request).and_then(|header| {
         serde_json::from_value::<TimeRequest>(header.into())
             .map_err(|_| Error::Protocol(r#"expected {"format": "..."}"#.into()))
     });
-    let reply = match format {
+    match format {
         Ok(TimeRequest { format }) if format.len() > MAX_FORMAT_LEN => {
             Err(format!("the format is longer than {MAX_FORMAT_LEN} bytes"))
         }
         Ok(TimeRequest { format }) if format.is_empty() => strftime(DEFAULT_FORMAT, now),
         Ok(TimeRequest { format }) => strftime(&format, now),
         Err(e) => Err(e.to_string()),
-    };
-    let header = match reply {
+    }
+}
+
+/// An answer as a reply datagram: `{"ok": true, "time": ...}` or an error reply.
+fn reply_datagram(answer: &Result<String, String>) -> Vec<u8> {
+    let header = match answer {
         Ok(time) => serde_json::json!({"ok": true, "time": time}),
         Err(message) => {
             serde_json::json!({"ok": false, "code": ErrorCode::BadRequest, "message": message})
@@ -146,8 +150,9 @@ pub async fn serve(socket: UdpSocket, offset: UtcOffset) -> std::io::Result<()> 
     loop {
         let (n, from) = socket.recv_from(&mut buf).await?;
         let now = OffsetDateTime::now_utc().to_offset(offset);
-        let reply = answer(&buf[..n], now);
-        println!("===> {from}: {n}-byte request");
+        let answer = answer(&buf[..n], now);
+        println!("===> {from}: {answer:?}");
+        let reply = reply_datagram(&answer);
         // A client that went away is no reason to stop serving the others.
         if let Err(e) = socket.send_to(&reply, from).await {
             eprintln!("cannot answer {from}: {e}");
@@ -178,7 +183,9 @@ pub async fn request(server: SocketAddr, format: &str) -> anyhow::Result<String>
     let mut buf = vec![0u8; 65536];
     let n = tokio::time::timeout(REPLY_TIMEOUT, socket.recv(&mut buf))
         .await
-        .map_err(|_| anyhow::anyhow!("no answer from {server} (UDP does not resend lost datagrams; is the server running?)"))?
+        .map_err(|_| {
+            anyhow::anyhow!("no answer from {server}: is it running? (UDP never resends)")
+        })?
         .with_context(|| format!("no answer from {server}"))?;
     let reply: TimeReply = parse_reply(decode_datagram(&buf[..n])?)?;
     Ok(reply.time)
@@ -235,7 +242,10 @@ fn main() -> anyhow::Result<()> {
                     .await
                     .with_context(|| format!("cannot bind {listen}"))?;
                 match offset {
-                    Some(offset) => println!("local time is UTC{offset}"),
+                    Some(offset) => {
+                        let now = OffsetDateTime::now_utc().to_offset(offset);
+                        println!("local time: UTC{}", strftime("%z", now).unwrap_or_default());
+                    }
                     None => println!("the local time zone is unknown: serving UTC"),
                 }
                 println!("udp_time listening on {}", socket.local_addr()?);

@@ -8,11 +8,13 @@ use anyhow::{anyhow, bail, Context};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use netdisk::client::{Client, Progress};
+use netdisk::client::{Client, ConnectOptions, Progress};
 use netdisk::config::{self, SavedLogin};
+use netdisk::conncheck;
 use netdisk::protocol::FileEntry;
 use netdisk::scram;
-use netdisk::server::{Server, ServerConfig};
+use netdisk::server::{Server, ServerConfig, TlsSetting};
+use netdisk::tls::ClientTls;
 
 const DEFAULT_SERVER: &str = "127.0.0.1:9000";
 
@@ -33,6 +35,17 @@ struct Cli {
     /// No progress bars or notes (errors are still printed)
     #[arg(long, short, global = true)]
     quiet: bool,
+    /// Plain TCP without TLS, on the server or the client (both sides must agree).
+    /// Logins stay SCRAM, but file contents and session tokens travel unencrypted
+    #[arg(long, global = true, env = "NETDISK_NO_TLS")]
+    no_tls: bool,
+    /// Verify the server's certificate with this CA file (PEM) instead of pinning it on
+    /// first use (fingerprints are kept in CONFIG/netdisk/known_servers)
+    #[arg(long, global = true, env = "NETDISK_CA", value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// Shared secret file for the connection check (server and clients use the same file)
+    #[arg(long, global = true, env = "NETDISK_SECRET_FILE", value_name = "FILE")]
+    secret_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -99,6 +112,22 @@ struct ServeArgs {
     /// Delete unfinished uploads idle for this many hours
     #[arg(long, default_value_t = 24.0)]
     partial_expiry_hours: f64,
+    /// TLS certificate chain (PEM) to use instead of the self-signed one in ROOT/tls/
+    #[arg(
+        long,
+        env = "NETDISK_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert
+    #[arg(
+        long,
+        env = "NETDISK_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
 }
 
 pub fn main() -> ExitCode {
@@ -121,10 +150,33 @@ pub fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let ui = Ui { quiet: cli.quiet };
+    let secret = cli
+        .secret_file
+        .as_deref()
+        .map(conncheck::load_secret)
+        .transpose()?;
+    if let Command::Serve(args) = cli.command {
+        return serve(args, cli.no_tls, secret).await;
+    }
+    let tls = match (cli.no_tls, cli.ca) {
+        (true, _) => {
+            ui.say("warning: --no-tls: this connection is not encrypted (the password still never crosses it)");
+            None
+        }
+        (false, Some(ca_file)) => Some(ClientTls::Ca { ca_file }),
+        (false, None) => Some(ClientTls::Pinned {
+            known_servers: config::config_dir()?.join("known_servers"),
+        }),
+    };
+    let remote = Remote {
+        server: cli.server.clone(),
+        options: ConnectOptions { tls, secret },
+        ui,
+    };
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(_) => unreachable!("handled above"),
         Command::Register { user } => {
-            let mut client = Client::connect(&cli.server).await?;
+            let mut client = remote.connect().await?;
             let password = new_password(&user)?;
             client
                 .register(&user, &password, scram::DEFAULT_ITERATIONS)
@@ -133,7 +185,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Login { user } => {
-            let mut client = Client::connect(&cli.server).await?;
+            let mut client = remote.connect().await?;
             let password = password(&user)?;
             let token = client.login(&user, &password).await?;
             config::save_login(
@@ -152,9 +204,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             // The local token is gone either way; revoking it on the server is best effort.
             let revoked = async {
-                let mut client = Client::connect(&cli.server).await?;
+                let mut client = remote.connect().await?;
                 client.login_with_token(&saved.token).await?;
-                client.logout().await
+                client.logout().await?;
+                anyhow::Ok(())
             };
             if let Err(e) = revoked.await {
                 ui.say(&format!(
@@ -165,7 +218,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ls { json, partial } => {
-            let mut client = authenticated(&cli.server, cli.user.as_deref()).await?;
+            let mut client = remote.authenticated(cli.user.as_deref()).await?;
             if partial {
                 let entries = client.list_partial().await?;
                 if json {
@@ -193,15 +246,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             remote_name,
             restart,
         } => {
-            let remote = match remote_name {
+            let name = match remote_name {
                 Some(name) => name,
                 None => file_name_of(&local_file)?,
             };
-            let mut client = authenticated(&cli.server, cli.user.as_deref()).await?;
+            let mut client = remote.authenticated(cli.user.as_deref()).await?;
             let mut bar = ui.progress();
-            let outcome = client.put(&local_file, &remote, restart, &mut bar).await?;
+            let outcome = client.put(&local_file, &name, restart, &mut bar).await?;
             ui.say(&format!(
-                "uploaded {remote} ({} bytes, verified)",
+                "uploaded {name} ({} bytes, verified)",
                 outcome.size
             ));
             Ok(())
@@ -214,7 +267,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let local = local_target(&remote_name, local_path);
             let resume = decide_resume(&local, resume, restart)?;
-            let mut client = authenticated(&cli.server, cli.user.as_deref()).await?;
+            let mut client = remote.authenticated(cli.user.as_deref()).await?;
             let mut bar = ui.progress();
             let outcome = client.get(&remote_name, &local, resume, &mut bar).await?;
             ui.say(&format!(
@@ -224,11 +277,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ));
             Ok(())
         }
-        Command::Shell => shell(&cli.server, ui).await,
+        Command::Shell => shell(&remote).await,
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+async fn serve(args: ServeArgs, no_tls: bool, secret: Option<Vec<u8>>) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -240,6 +293,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.max_connections = args.max_connections.max(1);
     config.partial_max_idle =
         std::time::Duration::from_secs_f64(args.partial_expiry_hours.max(0.0) * 3600.0);
+    config.secret = secret;
+    config.tls = match (no_tls, args.tls_cert, args.tls_key) {
+        (true, _, _) => TlsSetting::Off,
+        (false, Some(cert), Some(key)) => TlsSetting::Files { cert, key },
+        _ => TlsSetting::SelfSigned,
+    };
     let server = Server::bind(config).await?;
     server
         .run(async {
@@ -249,25 +308,46 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A client logged in with `--user` (password now) or with the saved session.
-async fn authenticated(server: &str, user: Option<&str>) -> anyhow::Result<Client> {
-    let mut client = Client::connect(server).await?;
-    match user {
-        Some(user) => {
-            let password = password(user)?;
-            client.login(user, &password).await?;
+/// The server this command talks to, and how.
+struct Remote {
+    server: String,
+    options: ConnectOptions,
+    ui: Ui,
+}
+
+impl Remote {
+    async fn connect(&self) -> anyhow::Result<Client> {
+        let client = Client::connect_with(&self.server, &self.options).await?;
+        if let Some(fingerprint) = client.newly_pinned() {
+            self.ui.say(&format!(
+                "note: first connection to {}: trusting its certificate {fingerprint} from now on",
+                self.server
+            ));
         }
-        None => {
-            let saved = config::load_login(server)?.ok_or_else(|| {
+        Ok(client)
+    }
+
+    /// A client logged in with `--user` (password now) or with the saved session.
+    async fn authenticated(&self, user: Option<&str>) -> anyhow::Result<Client> {
+        let server = self.server.as_str();
+        let mut client = self.connect().await?;
+        match user {
+            Some(user) => {
+                let password = password(user)?;
+                client.login(user, &password).await?;
+            }
+            None => {
+                let saved = config::load_login(server)?.ok_or_else(|| {
                 anyhow!("not logged in to {server}: run `netdisk login USER` first (or pass --user USER)")
             })?;
-            client
-                .login_with_token(&saved.token)
-                .await
-                .with_context(|| format!("saved login for {} no longer works", saved.user))?;
+                client
+                    .login_with_token(&saved.token)
+                    .await
+                    .with_context(|| format!("saved login for {} no longer works", saved.user))?;
+            }
         }
+        Ok(client)
     }
-    Ok(client)
 }
 
 /// `get NAME [LOCAL]`: LOCAL defaults to NAME here; an existing folder means NAME inside it.
@@ -420,8 +500,9 @@ impl Progress for Bar {
 }
 
 /// The interactive prompt of the tutorials: one connection, one command per line.
-async fn shell(server: &str, ui: Ui) -> anyhow::Result<()> {
-    let mut client = Client::connect(server).await?;
+async fn shell(remote: &Remote) -> anyhow::Result<()> {
+    let (server, ui) = (remote.server.as_str(), remote.ui);
+    let mut client = remote.connect().await?;
     let mut user: Option<String> = None;
     eprintln!("connected to {server}; type help for the commands");
     let stdin = std::io::stdin();

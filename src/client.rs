@@ -7,14 +7,16 @@ use std::path::Path;
 use base64::Engine;
 use tokio::net::TcpStream;
 
+use crate::conncheck;
 use crate::digest::{file_digest, hash_reader, ChunkHash, ChunkHasher, CHUNK_SIZE};
 use crate::error::{Error, ErrorCode, Result};
 use crate::names::{check_file_name, check_user_name};
 use crate::protocol::{
-    AuthReply, CommitReply, Connection, Done, FileEntry, GetReply, HelloReply, ListReply,
-    PartialEntry, PutReply, Request, UserReply, PROTOCOL_VERSION,
+    parse_reply, AuthReply, CommitReply, Connection, Done, FileEntry, GetReply, HelloReply,
+    ListReply, PartialEntry, PutReply, Request, UserReply, PROTOCOL_VERSION,
 };
 use crate::scram::{ClientFirst, Verifier};
+use crate::tls::{self, ClientTls};
 use crate::transfer::{receive_body, send_body, BodySink, BodySource};
 
 /// Largest `ls` reply accepted (a listing, not a file: a few hundred thousand names).
@@ -44,25 +46,73 @@ pub struct TransferOutcome {
     pub digest: String,
 }
 
+/// How to reach a server.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectOptions {
+    /// How to check the server's certificate; `None` is plain TCP (`--no-tls`).
+    pub tls: Option<ClientTls>,
+    /// The shared secret for the server's connection check (`--secret-file`).
+    pub secret: Option<Vec<u8>>,
+}
+
 pub struct Client {
     conn: Connection,
+    newly_pinned: Option<String>,
 }
 
 impl Client {
-    /// Connect to `addr` (`host:port`) and agree on the protocol version.
+    /// Connect to `addr` (`host:port`) over plain TCP and agree on the protocol version.
     pub async fn connect(addr: &str) -> Result<Client> {
+        Client::connect_with(addr, &ConnectOptions::default()).await
+    }
+
+    /// Connect with TLS and/or the connection check as `options` say.
+    pub async fn connect_with(addr: &str, options: &ConnectOptions) -> Result<Client> {
         let socket = TcpStream::connect(addr).await.map_err(|e| {
             Error::Invalid(format!("cannot reach the netdisk server at {addr}: {e}"))
         })?;
         socket.set_nodelay(true)?;
-        let mut conn = Connection::new(socket);
-        let _: HelloReply = conn
-            .call(&Request::Hello {
-                version: PROTOCOL_VERSION,
-                client: format!("netdisk {}", env!("CARGO_PKG_VERSION")),
-            })
-            .await?;
-        Ok(Client { conn })
+        let (mut conn, newly_pinned) = match &options.tls {
+            None => (Connection::new(socket), None),
+            Some(mode) => {
+                let connected = tls::connect(socket, addr, mode).await?;
+                (Connection::new(connected.stream), connected.newly_pinned)
+            }
+        };
+        if let Some(secret) = &options.secret {
+            conncheck::answer_challenge(&mut conn, secret).await?;
+        }
+        conn.write_header(&Request::Hello {
+            version: PROTOCOL_VERSION,
+            client: format!("netdisk {}", env!("CARGO_PKG_VERSION")),
+        })
+        .await?;
+        conn.flush().await?;
+        let header = conn.read_header().await.map_err(|e| match e {
+            // A TLS server talked to in plain text, or a closed check, ends here.
+            Error::ConnectionClosed | Error::Protocol(_) => Error::Invalid(format!(
+                "the server at {addr} closed the connection during the greeting (does it use TLS, or require --secret-file?)"
+            )),
+            other => other,
+        })?;
+        let header = header.ok_or_else(|| {
+            Error::Invalid(format!(
+                "the server at {addr} closed the connection during the greeting"
+            ))
+        })?;
+        if header.get("cmd").and_then(|c| c.as_str()) == Some("challenge") {
+            return Err(Error::Invalid(format!(
+                "the server at {addr} requires a shared secret: pass --secret-file FILE"
+            )));
+        }
+        let _: HelloReply = parse_reply(header)?;
+        Ok(Client { conn, newly_pinned })
+    }
+
+    /// The server's certificate fingerprint, if this connection recorded it for the
+    /// first time (trust on first use).
+    pub fn newly_pinned(&self) -> Option<&str> {
+        self.newly_pinned.as_deref()
     }
 
     /// Create an account. Only the SCRAM verifier derived here is sent, never the password.
@@ -154,8 +204,9 @@ impl Client {
     }
 
     /// Upload `local` as `remote`, overwriting it. Continues a staged partial upload of
-    /// the same name and size unless `restart`; if the staged bytes turn out not to match
-    /// the local file, starts over once.
+    /// the same name and size unless `restart`. If the staged bytes turn out not to match
+    /// the local file, the server keeps the chunks that do and only the others are sent
+    /// again; should that fail too (the file changing while it is sent), starts over once.
     pub async fn put(
         &mut self,
         local: &Path,
@@ -164,17 +215,24 @@ impl Client {
         progress: &mut dyn Progress,
     ) -> Result<TransferOutcome> {
         check_file_name(remote)?;
-        match self.put_once(local, remote, restart, progress).await {
-            Err(Error::Remote {
-                code: ErrorCode::ChecksumMismatch,
-                ..
-            }) if !restart => {
-                progress.notice(
-                    "the partial upload on the server did not match the local file; starting over",
-                );
-                self.put_once(local, remote, true, progress).await
+        let mut restart = restart;
+        let mut retries = 0;
+        loop {
+            match self.put_once(local, remote, restart, progress).await {
+                Err(Error::Remote {
+                    code: ErrorCode::ChecksumMismatch,
+                    ..
+                }) if retries < 2 => {
+                    retries += 1;
+                    progress.finish();
+                    restart = retries == 2;
+                    if restart {
+                        progress
+                            .notice("the upload did not match the local file again; starting over");
+                    }
+                }
+                other => return other,
             }
-            other => other,
         }
     }
 
@@ -196,18 +254,53 @@ impl Client {
             })
             .await?;
         let offset = reply.offset;
-        if offset > size || !offset.is_multiple_of(CHUNK_SIZE) {
+        if offset > size || !(offset.is_multiple_of(CHUNK_SIZE) || offset == size) {
             return Err(Error::Protocol(format!(
                 "server asked to resume at {offset}"
             )));
         }
+        // Ranges to send again: whole chunks, in order, before `offset`.
+        let mut previous_end = 0u64;
+        for &(start, len) in &reply.missing {
+            let end = start.checked_add(len).unwrap_or(u64::MAX);
+            if start < previous_end || !start.is_multiple_of(CHUNK_SIZE) || len == 0 || end > offset
+            {
+                return Err(Error::Protocol(format!(
+                    "server asked for {len} bytes at {start} again"
+                )));
+            }
+            previous_end = end;
+        }
+        let resend: u64 = reply.missing.iter().map(|&(_, len)| len).sum();
         if offset > 0 {
             progress.notice(&format!("resuming the upload of {remote} at byte {offset}"));
         }
+        if resend > 0 {
+            progress.notice(&format!(
+                "{resend} bytes staged earlier differ from the local file; sending them again"
+            ));
+        }
+        let to_send = size - offset + resend;
         // The staged prefix is hashed here while the rest streams, never before.
         let prefix = hash_prefix(open_local(local)?, offset);
+        progress.start(size, size - to_send);
+        // Requests are pipelined; their replies (few: the server lists at most a few
+        // hundred missing ranges) are read after the commit.
+        for &(start, len) in &reply.missing {
+            self.conn
+                .write_header(&Request::PutData {
+                    offset: start,
+                    filesize: len,
+                })
+                .await?;
+            let mut part = open_local(local)?;
+            part.seek(SeekFrom::Start(start))?;
+            send_body(&mut self.conn, len, PlainReader(part), &mut |n| {
+                progress.advance(n)
+            })
+            .await?;
+        }
         file.seek(SeekFrom::Start(offset))?;
-        progress.start(size, offset);
         self.conn
             .write_header(&Request::PutData {
                 offset,
@@ -225,14 +318,22 @@ impl Client {
         let mut chunks = join_prefix(prefix).await?;
         chunks.extend(source.hasher.finish_chunks());
         let digest = file_digest(&chunks).to_hex().to_string();
+        // The chunk hashes go along, so that on a mismatch the server keeps what matches.
+        let hashes = chunks.concat();
         self.conn
             .write_header(&Request::PutCommit {
                 digest: digest.clone(),
+                filesize: Some(hashes.len() as u64),
             })
             .await?;
+        self.conn.write_body(&hashes).await?;
         self.conn.flush().await?;
-        // One reply per request, in order: put_data's, then put_commit's.
-        let data_reply = self.conn.read_reply::<PutReply>().await;
+        // One reply per request, in order: each put_data's, then put_commit's.
+        let mut data_reply = Ok(());
+        for _ in 0..=reply.missing.len() {
+            let this = self.conn.read_reply::<PutReply>().await.map(drop);
+            data_reply = data_reply.and(this);
+        }
         let commit_reply = self.conn.read_reply::<CommitReply>().await;
         data_reply?;
         let commit = commit_reply?;
@@ -245,7 +346,7 @@ impl Client {
         }
         Ok(TransferOutcome {
             size,
-            resumed_from: offset,
+            resumed_from: size - to_send,
             digest,
         })
     }
@@ -382,6 +483,15 @@ fn last_chunk_hash(path: &Path, end: u64) -> Result<String> {
     file.seek(SeekFrom::Start(end - CHUNK_SIZE))?;
     let chunks = hash_reader(file.take(CHUNK_SIZE))?;
     Ok(chunks.first().map(hex::encode).unwrap_or_default())
+}
+
+/// Reads a range of the local file for `put` (chunks sent again; hashed with the prefix).
+struct PlainReader(File);
+
+impl BodySource for PlainReader {
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize> {
+        Ok(self.0.read(buf)?)
+    }
 }
 
 /// Reads the local file for `put`, hashing what it reads.

@@ -11,6 +11,8 @@
 //! - [`users`]: the user table, persisted atomically in `users.xlsx`.
 //! - [`sessions`]: server-side session tokens that survive restarts.
 //! - [`storage`]: the only code that touches file contents (local disk today).
+//! - [`throttle`]: growing delays after failed logins, per user and per address.
+//! - [`tls`]: TLS 1.3 (rustls): server certificates, client pinning or CA checks.
 //! - [`transfer`]: moving file bodies between the socket and blocking disk code.
 //! - [`server`]: the accept loop, per-connection command dispatch.
 //! - [`client`]: the client library the `netdisk` command line is built on.
@@ -28,6 +30,8 @@ pub mod scram;
 pub mod server;
 pub mod sessions;
 pub mod storage;
+pub mod throttle;
+pub mod tls;
 pub mod transfer;
 pub mod users;
 

@@ -6,6 +6,7 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufStream};
 
 use crate::error::{Error, ErrorCode, Result};
@@ -61,8 +62,14 @@ pub enum Request {
     },
     /// The upload's bytes from `offset`; `filesize` body bytes follow this header.
     PutData { offset: u64, filesize: u64 },
-    /// End of the upload: the sender's checksum of the whole file.
-    PutCommit { digest: String },
+    /// End of the upload: the sender's checksum of the whole file. With `filesize`, the
+    /// sender's chunk hashes follow as the body (32 raw bytes per chunk, in order), so a
+    /// mismatch keeps the staged chunks that match and only the others are sent again.
+    PutCommit {
+        digest: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        filesize: Option<u64>,
+    },
     /// Download `filename` from `offset` (a multiple of the chunk size).
     Get {
         filename: String,
@@ -153,10 +160,15 @@ pub struct PartialEntry {
     pub updated: String,
 }
 
-/// Reply to `put` and `put_data`: where the staged upload stands (0, or the staged prefix).
+/// Reply to `put` and `put_data`: where the staged upload stands (0, or the end of the
+/// staged data).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PutReply {
     pub offset: u64,
+    /// Ranges before `offset` to send again, as `[offset, length]` pairs of whole chunks:
+    /// staged chunks a failed `put_commit` found not to match the sender's. Only in `put`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<(u64, u64)>,
 }
 
 /// Reply to `put_commit`: the file is complete, verified and durable under its name.
@@ -187,6 +199,8 @@ pub struct Done {}
 /// A framed, buffered connection: read and write whole headers, and stream bodies.
 pub struct Connection {
     stream: BufStream<Box<dyn Stream>>,
+    /// Longest wait for the peer to send or accept a byte inside a frame or body.
+    stall_timeout: Option<Duration>,
 }
 
 impl Connection {
@@ -194,6 +208,28 @@ impl Connection {
         let boxed: Box<dyn Stream> = Box::new(stream);
         Connection {
             stream: BufStream::with_capacity(IO_BUFFER_SIZE, IO_BUFFER_SIZE, boxed),
+            stall_timeout: None,
+        }
+    }
+
+    /// Give up on a peer that stops sending or receiving for `timeout` in the middle of a
+    /// body (a trickling or stuck client must not hold an upload or a file forever).
+    pub fn set_stall_timeout(&mut self, timeout: Duration) {
+        self.stall_timeout = Some(timeout);
+    }
+
+    async fn within<T>(
+        timeout: Option<Duration>,
+        io: impl std::future::Future<Output = std::io::Result<T>>,
+    ) -> std::io::Result<T> {
+        match timeout {
+            None => io.await,
+            Some(timeout) => tokio::time::timeout(timeout, io).await.unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the peer stalled",
+                ))
+            }),
         }
     }
 
@@ -221,8 +257,7 @@ impl Connection {
             )));
         }
         let mut header = vec![0u8; len];
-        self.stream
-            .read_exact(&mut header)
+        Self::within(self.stall_timeout, self.stream.read_exact(&mut header))
             .await
             .map_err(eof_is_closed)?;
         decode_header(&header).map(Some)
@@ -267,19 +302,21 @@ impl Connection {
     }
 
     pub async fn flush(&mut self) -> Result<()> {
-        self.stream.flush().await?;
+        Self::within(self.stall_timeout, self.stream.flush()).await?;
         Ok(())
     }
 
     /// Read exactly `buf.len()` body bytes.
     pub async fn read_body(&mut self, buf: &mut [u8]) -> Result<()> {
-        self.stream.read_exact(buf).await.map_err(eof_is_closed)?;
+        Self::within(self.stall_timeout, self.stream.read_exact(buf))
+            .await
+            .map_err(eof_is_closed)?;
         Ok(())
     }
 
     /// Read up to `buf.len()` body bytes (at least one); EOF is [`Error::ConnectionClosed`].
     pub async fn read_body_some(&mut self, buf: &mut [u8]) -> Result<usize> {
-        match self.stream.read(buf).await? {
+        match Self::within(self.stall_timeout, self.stream.read(buf)).await? {
             0 => Err(Error::ConnectionClosed),
             n => Ok(n),
         }
@@ -298,7 +335,7 @@ impl Connection {
 
     /// Queue body bytes.
     pub async fn write_body(&mut self, bytes: &[u8]) -> Result<()> {
-        self.stream.write_all(bytes).await?;
+        Self::within(self.stall_timeout, self.stream.write_all(bytes)).await?;
         Ok(())
     }
 

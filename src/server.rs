@@ -14,7 +14,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{error, info, warn};
 
-use crate::digest::CHUNK_SIZE;
+use crate::conncheck;
+use crate::digest::{ChunkHash, CHUNK_SIZE};
 use crate::error::{Error, ErrorCode, Result};
 use crate::names::check_user_name;
 use crate::protocol::{
@@ -24,6 +25,8 @@ use crate::protocol::{
 use crate::scram::{self, ServerFirst, Verifier};
 use crate::sessions::SessionStore;
 use crate::storage::{iso8601, FileReader, LocalStorage, StagedUpload, Storage};
+use crate::throttle::LoginThrottle;
+use crate::tls::{self, ServerTls};
 use crate::transfer::{receive_body, send_body, BodySink, BodySource};
 use crate::users::{now_iso8601, UserRecord, UserTable, UserTableError};
 
@@ -40,6 +43,21 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Staged uploads idle for longer are deleted.
     pub partial_max_idle: Duration,
+    /// Transport security.
+    pub tls: TlsSetting,
+    /// Shared secret of the optional connection check (`--secret-file`).
+    pub secret: Option<Vec<u8>>,
+}
+
+/// Where the server's TLS certificate comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TlsSetting {
+    /// Plain TCP (`--no-tls`).
+    Off,
+    /// A self-signed certificate made on first start in `ROOT/tls/`.
+    SelfSigned,
+    /// A real certificate chain and its key (PEM).
+    Files { cert: PathBuf, key: PathBuf },
 }
 
 impl ServerConfig {
@@ -51,6 +69,8 @@ impl ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             partial_max_idle: Duration::from_secs(24 * 3600),
+            tls: TlsSetting::SelfSigned,
+            secret: None,
         }
     }
 }
@@ -62,6 +82,8 @@ struct Shared {
     storage: Arc<dyn Storage>,
     /// Server secret: derives fake SCRAM salts for unknown users.
     secret: Vec<u8>,
+    tls: Option<ServerTls>,
+    throttle: LoginThrottle,
     config: ServerConfig,
 }
 
@@ -93,12 +115,19 @@ impl Server {
         Ok(self.listener.local_addr()?)
     }
 
+    /// The SHA-256 fingerprint of the TLS certificate (`None` without TLS).
+    pub fn fingerprint(&self) -> Option<&str> {
+        self.shared.tls.as_ref().map(|tls| tls.fingerprint.as_str())
+    }
+
     /// Serve until `shutdown` completes. Connections in progress are left to finish.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
         info!(
             addr = %self.local_addr()?,
             root = %self.shared.config.root.display(),
             users = self.shared.users.len(),
+            tls = self.fingerprint().unwrap_or("off (--no-tls)"),
+            secret_check = self.shared.config.secret.is_some(),
             "netdisk server listening"
         );
         let expiry = spawn_partial_expiry(self.shared.clone());
@@ -123,17 +152,16 @@ impl Server {
             };
             let _ = socket.set_nodelay(true);
             let shared = self.shared.clone();
-            match limit.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    tokio::spawn(async move {
-                        Handler::new(socket, peer, shared).run().await;
-                        drop(permit);
-                    });
+            let permit = limit.clone().try_acquire_owned();
+            tokio::spawn(async move {
+                let Some(conn) = open_connection(socket, peer, &shared).await else {
+                    return;
+                };
+                match permit {
+                    Ok(_permit) => Handler::new(conn, peer, shared).run().await,
+                    Err(_) => refuse_busy(conn, peer).await,
                 }
-                Err(_) => {
-                    tokio::spawn(refuse_busy(socket, peer));
-                }
-            }
+            });
         }
     }
 }
@@ -147,11 +175,18 @@ fn open_root(root: &Path, config: ServerConfig) -> Result<Shared> {
     let sessions = SessionStore::open(&root.join("sessions.json"))?;
     let storage: Arc<dyn Storage> = Arc::new(LocalStorage::open(root)?);
     let secret = load_or_create_secret(&root.join("server.secret"))?;
+    let tls = match &config.tls {
+        TlsSetting::Off => None,
+        TlsSetting::SelfSigned => Some(tls::server_tls(root, None)?),
+        TlsSetting::Files { cert, key } => Some(tls::server_tls(root, Some((cert, key)))?),
+    };
     Ok(Shared {
         users,
         sessions,
         storage,
         secret,
+        tls,
+        throttle: LoginThrottle::default(),
         config,
     })
 }
@@ -193,9 +228,39 @@ fn spawn_partial_expiry(shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
     })
 }
 
-async fn refuse_busy(socket: TcpStream, peer: SocketAddr) {
+/// TLS handshake and the optional connection check, within the handshake timeout.
+/// `None` (and the connection closed without a word) when either fails.
+async fn open_connection(
+    socket: TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> Option<Connection> {
+    let timeout = shared.config.handshake_timeout;
+    let mut conn = match &shared.tls {
+        Some(tls) => match tokio::time::timeout(timeout, tls.acceptor.accept(socket)).await {
+            Ok(Ok(stream)) => Connection::new(stream),
+            Ok(Err(e)) => {
+                info!(%peer, error = %e, "TLS handshake failed");
+                return None;
+            }
+            Err(_) => {
+                info!(%peer, "TLS handshake timed out");
+                return None;
+            }
+        },
+        None => Connection::new(socket),
+    };
+    if let Some(secret) = &shared.config.secret {
+        if let Err(e) = conncheck::challenge_client(&mut conn, secret, timeout).await {
+            warn!(%peer, error = %e, "connection check failed; closing");
+            return None;
+        }
+    }
+    Some(conn)
+}
+
+async fn refuse_busy(mut conn: Connection, peer: SocketAddr) {
     warn!(%peer, "connection refused: too many connections");
-    let mut conn = Connection::new(socket);
     let _ = conn
         .write_error(
             ErrorCode::TooManyRequests,
@@ -214,6 +279,9 @@ struct Outcome {
 
 /// One client connection.
 struct Handler {
+    /// The upload between `put` and `put_commit`. Declared (so dropped) before `conn`: when
+    /// a client sees this connection closed, the upload's name is free again.
+    upload: Option<Box<dyn StagedUpload>>,
     conn: Connection,
     peer: SocketAddr,
     shared: Arc<Shared>,
@@ -225,14 +293,13 @@ struct Handler {
     /// A SCRAM exchange between `auth_start` and `auth_finish`: the claimed name,
     /// whether it exists, and the server state.
     login: Option<(String, bool, ServerFirst)>,
-    /// The upload between `put` and `put_commit`.
-    upload: Option<Box<dyn StagedUpload>>,
 }
 
 impl Handler {
-    fn new(socket: TcpStream, peer: SocketAddr, shared: Arc<Shared>) -> Handler {
+    fn new(mut conn: Connection, peer: SocketAddr, shared: Arc<Shared>) -> Handler {
+        conn.set_stall_timeout(shared.config.idle_timeout);
         Handler {
-            conn: Connection::new(socket),
+            conn,
             peer,
             shared,
             greeted: false,
@@ -351,7 +418,7 @@ impl Handler {
                 restart,
             } => self.put(filename, size, restart).await,
             Request::PutData { offset, filesize } => self.put_data(offset, filesize).await,
-            Request::PutCommit { digest } => self.put_commit(digest).await,
+            Request::PutCommit { digest, filesize } => self.put_commit(digest, filesize).await,
             Request::Get {
                 filename,
                 offset,
@@ -419,6 +486,19 @@ impl Handler {
     async fn auth_start(&mut self, client_first: &str) -> Result<Outcome> {
         let bad = |e: scram::ScramError| Error::remote(ErrorCode::BadRequest, e.to_string());
         let name = ServerFirst::parse_user(client_first).map_err(bad)?;
+        if let Err(wait) = self
+            .shared
+            .throttle
+            .check(&self.throttle_keys(&name), Instant::now())
+        {
+            return Err(Error::remote(
+                ErrorCode::TooManyRequests,
+                format!(
+                    "too many failed logins; try again in {} s",
+                    wait.as_secs().max(1)
+                ),
+            ));
+        }
         // Unknown (or impossible) names get a fake verifier, so the answer looks the same.
         let known = check_user_name(&name)
             .ok()
@@ -448,13 +528,18 @@ impl Handler {
                 "auth_finish without auth_start",
             ));
         };
+        let keys = self.throttle_keys(&name);
         let server_final = match server_first.handle_client_final(client_final) {
-            Ok(server_final) if exists => server_final,
+            Ok(server_final) if exists => {
+                self.shared.throttle.succeeded(&keys);
+                server_final
+            }
             _ => {
+                self.shared.throttle.failed(&keys, Instant::now());
                 return Err(Error::remote(
                     ErrorCode::AuthFailed,
                     "wrong user name or password",
-                ))
+                ));
             }
         };
         let shared = self.shared.clone();
@@ -499,6 +584,11 @@ impl Handler {
         Ok(Outcome::default())
     }
 
+    /// Failed logins count against the user name and the client's address.
+    fn throttle_keys(&self, user: &str) -> Vec<String> {
+        vec![format!("user:{user}"), format!("addr:{}", self.peer.ip())]
+    }
+
     fn logged_in_user(&self) -> Result<String> {
         self.user
             .clone()
@@ -538,29 +628,20 @@ impl Handler {
         let storage = self.shared.storage.clone();
         let upload =
             blocking(move || storage.begin_upload(&user, &filename, size, restart)).await?;
-        let offset = upload.offset();
+        let reply = PutReply {
+            offset: upload.offset(),
+            missing: upload.missing(),
+        };
         self.upload = Some(upload);
-        self.conn.write_ok(&PutReply { offset }).await?;
+        self.conn.write_ok(&reply).await?;
         Ok(Outcome::default())
     }
 
     async fn put_data(&mut self, offset: u64, filesize: u64) -> Result<Outcome> {
-        let refusal = match &self.upload {
+        // The storage accepts the rest of the file, or missing chunks it asked for.
+        let refusal = match self.upload.as_mut() {
             None => Some(Error::remote(ErrorCode::BadRequest, "put_data without put")),
-            Some(upload) if upload.offset() != offset => Some(Error::remote(
-                ErrorCode::Conflict,
-                format!("data sent at offset {offset}, expected {}", upload.offset()),
-            )),
-            Some(upload) if offset.checked_add(filesize) != Some(upload.size()) => {
-                Some(Error::remote(
-                    ErrorCode::Conflict,
-                    format!(
-                        "{filesize} bytes at offset {offset} do not end at the announced size {}",
-                        upload.size()
-                    ),
-                ))
-            }
-            Some(_) => None,
+            Some(upload) => upload.start_write(offset, filesize).err(),
         };
         if let Some(refusal) = refusal {
             // Stay in step with the client: the body follows the header regardless.
@@ -568,25 +649,71 @@ impl Handler {
             return Err(refusal);
         }
         let upload = self.upload.take().expect("checked above");
-        let upload =
-            receive_body(&mut self.conn, filesize, UploadSink(upload), &mut |_| {}).await?;
-        let received = upload.0.offset();
-        self.upload = Some(upload.0);
-        self.conn.write_ok(&PutReply { offset: received }).await?;
+        let (gone_tx, gone) = tokio::sync::oneshot::channel();
+        let sink = UploadSink {
+            upload,
+            _gone: gone_tx,
+        };
+        let sink = match receive_body(&mut self.conn, filesize, sink, &mut |_| {}).await {
+            Ok(sink) => sink,
+            Err(e) => {
+                // A lost connection can leave the sink finishing its last writes on the
+                // worker thread: wait until it is dropped, so the upload's name is free
+                // and every byte that arrived is staged before this connection ends.
+                let _ = gone.await;
+                return Err(e);
+            }
+        };
+        let received = sink.upload.offset();
+        self.upload = Some(sink.upload);
+        self.conn
+            .write_ok(&PutReply {
+                offset: received,
+                missing: Vec::new(),
+            })
+            .await?;
         Ok(Outcome {
             bytes: filesize,
             close: false,
         })
     }
 
-    async fn put_commit(&mut self, digest: String) -> Result<Outcome> {
+    async fn put_commit(&mut self, digest: String, filesize: Option<u64>) -> Result<Outcome> {
         let Some(upload) = self.upload.take() else {
+            if let Some(len) = filesize {
+                self.conn.skip_body(len).await?;
+            }
             return Err(Error::remote(
                 ErrorCode::BadRequest,
                 "put_commit without a complete put",
             ));
         };
-        let reply = blocking(move || upload.commit(&digest)).await?;
+        // The body, if any: the sender's chunk hashes. Read into memory only when all the
+        // data is staged, so its length is bounded by what actually arrived.
+        let expected = upload.size().div_ceil(CHUNK_SIZE) * 32;
+        let chunks = match filesize {
+            Some(len) if len == expected && upload.offset() == upload.size() => {
+                let mut body = vec![0u8; len as usize];
+                self.conn.read_body(&mut body).await?;
+                let chunks: Vec<ChunkHash> = body
+                    .chunks_exact(32)
+                    .map(|c| c.try_into().expect("32 bytes"))
+                    .collect();
+                Some(chunks)
+            }
+            Some(len) => {
+                self.conn.skip_body(len).await?;
+                if len != expected {
+                    return Err(Error::remote(
+                        ErrorCode::BadRequest,
+                        format!("put_commit: {len} bytes of chunk hashes, expected {expected}"),
+                    ));
+                }
+                None // incomplete: the commit says so
+            }
+            None => None,
+        };
+        let reply = blocking(move || upload.commit(&digest, chunks.as_deref())).await?;
         self.conn.write_ok(&reply).await?;
         Ok(Outcome::default())
     }
@@ -662,11 +789,16 @@ fn resume_offset(
     }
 }
 
-struct UploadSink(Box<dyn StagedUpload>);
+/// A staged upload receiving a body; the sender half signals (by being dropped) that the
+/// upload is no longer in use.
+struct UploadSink {
+    upload: Box<dyn StagedUpload>,
+    _gone: tokio::sync::oneshot::Sender<()>,
+}
 
 impl BodySink for UploadSink {
     fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        self.0.write(bytes)
+        self.upload.write(bytes)
     }
 }
 

@@ -10,15 +10,16 @@
 //! ```text
 //! files/USER/NAME          complete files, the only thing `ls` shows
 //! partial/USER/KEY.data    a staged upload's bytes (KEY = hash of NAME)
-//! partial/USER/KEY.hashes  BLAKE3 of each complete 4 MiB chunk received, appended
+//! partial/USER/KEY.hashes  BLAKE3 of each chunk whose bytes are all staged, in order; all
+//!                          zeros for a chunk to be sent again (see `StagedUpload::missing`)
 //! partial/USER/KEY.json    name, announced size, start time
 //! meta/USER/KEY.meta       cached chunk hashes of files/USER/NAME (a cache: rebuilt when stale)
 //! ```
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -71,16 +72,34 @@ pub trait Storage: Send + Sync + 'static {
 /// An upload being staged. Dropping it without `commit` keeps the received prefix, so the
 /// next `put` of the same name and size resumes.
 pub trait StagedUpload: Send {
-    /// Bytes already staged: where the sender must continue.
+    /// Where the staged data ends: where the sender must continue.
     fn offset(&self) -> u64;
     /// The announced size of the whole file.
     fn size(&self) -> u64;
-    /// Append bytes at [`StagedUpload::offset`].
+    /// Ranges `(offset, length)` before [`StagedUpload::offset`], whole chunks, that must be
+    /// sent again: staged chunks a failed commit found to differ from the sender's.
+    fn missing(&self) -> Vec<(u64, u64)>;
+    /// Announce `len` bytes at `offset`: the rest of the file from [`StagedUpload::offset`]
+    /// to the end, or whole chunks of a [`StagedUpload::missing`] range. The following
+    /// writes go there. Anything else is refused with [`ErrorCode::Conflict`].
+    fn start_write(&mut self, offset: u64, len: u64) -> Result<()>;
+    /// Write the next bytes of the announced range (by default, append at
+    /// [`StagedUpload::offset`]).
     fn write(&mut self, bytes: &[u8]) -> Result<()>;
-    /// Verify the whole file against `digest` (hex), make it durable and give it its real
-    /// name, replacing any old file in one step. On a mismatch the staged data is dropped.
-    fn commit(self: Box<Self>, digest: &str) -> Result<CommitReply>;
+    /// Verify the whole file, as hashed here from the staged bytes, against `digest` (hex),
+    /// make it durable and give it its real name, replacing any old file in one step.
+    /// On a mismatch, `chunks` (the sender's chunk hashes, if it sent them) decides what
+    /// stays staged: the chunks that match stay, the others become
+    /// [`StagedUpload::missing`]. Without them the staged data is dropped.
+    fn commit(self: Box<Self>, digest: &str, chunks: Option<&[ChunkHash]>) -> Result<CommitReply>;
 }
+
+/// Most `missing` ranges one upload asks for (they are listed in a header); differing
+/// chunks further apart are merged into larger ranges.
+pub const MAX_MISSING_RANGES: usize = 256;
+
+/// The `.hashes` entry of a chunk that must be sent again.
+const MISSING_CHUNK: ChunkHash = [0; 32];
 
 /// Files on a local disk under one root folder.
 pub struct LocalStorage {
@@ -180,9 +199,10 @@ impl Storage for LocalStorage {
                 let Ok(data) = fs::metadata(path.with_extension("data")) else {
                     continue;
                 };
+                let missing = missing_bytes(&path.with_extension("hashes"), info.size);
                 entries.push(PartialEntry {
                     name: info.name,
-                    received: data.len(),
+                    received: data.len().saturating_sub(missing),
                     size: info.size,
                     updated: iso8601(data.modified()?),
                 });
@@ -238,7 +258,7 @@ impl Storage for LocalStorage {
         };
         let (data, hashes, chunks) = match prefix {
             Some(chunks) => {
-                let offset = chunks.len() as u64 * CHUNK_SIZE;
+                let offset = (chunks.len() as u64 * CHUNK_SIZE).min(size);
                 let data = OpenOptions::new().write(true).open(&paths.data)?;
                 data.set_len(offset)?;
                 let hashes = OpenOptions::new().write(true).open(&paths.hashes)?;
@@ -258,7 +278,10 @@ impl Storage for LocalStorage {
                 (data, hashes, Vec::new())
             }
         };
-        let offset = chunks.len() as u64 * CHUNK_SIZE;
+        let offset = (chunks.len() as u64 * CHUNK_SIZE).min(size);
+        let missing = (0..chunks.len() as u64)
+            .filter(|&i| chunks[i as usize] == MISSING_CHUNK)
+            .collect();
         let mut data = data;
         data.seek(SeekFrom::Start(offset))?;
         let mut hashes = hashes;
@@ -270,6 +293,9 @@ impl Storage for LocalStorage {
             data,
             hashes,
             hasher: ChunkHasher::resume(chunks),
+            missing,
+            repaired: Vec::new(),
+            writing: Writing::Append,
             paths,
             target,
             meta_path: self.meta_path(user, name)?,
@@ -333,26 +359,38 @@ impl LocalStorage {
 struct LocalUpload {
     name: String,
     size: u64,
+    /// Where the staged data ends; appends go here.
     received: u64,
     data: File,
     hashes: File,
+    /// Hashes of the staged chunks ([`MISSING_CHUNK`] for missing ones), continued by appends.
     hasher: ChunkHasher,
+    /// Chunks (indices) to be sent again; their `.hashes` entries are zeros.
+    missing: BTreeSet<u64>,
+    /// Missing chunks sent again on this connection, with their new hashes.
+    repaired: Vec<(u64, ChunkHash)>,
+    writing: Writing,
     paths: PartialPaths,
     target: PathBuf,
     meta_path: PathBuf,
     _lock: UploadLock,
 }
 
-impl StagedUpload for LocalUpload {
-    fn offset(&self) -> u64 {
-        self.received
-    }
+/// Where [`StagedUpload::write`] puts bytes.
+enum Writing {
+    /// At the end of the staged data.
+    Append,
+    /// Over missing chunks from chunk `first`: the next byte goes to `at`; the range ends at `end`.
+    Repair {
+        first: u64,
+        at: u64,
+        end: u64,
+        hasher: ChunkHasher,
+    },
+}
 
-    fn size(&self) -> u64 {
-        self.size
-    }
-
-    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+impl LocalUpload {
+    fn append(&mut self, bytes: &[u8]) -> Result<()> {
         if self.received + bytes.len() as u64 > self.size {
             return Err(Error::remote(
                 ErrorCode::Conflict,
@@ -368,31 +406,205 @@ impl StagedUpload for LocalUpload {
             self.hashes.write_all(hash).map_err(storage_error)?;
         }
         self.received += bytes.len() as u64;
+        // The short last chunk too, once all bytes are in: a cut before the commit then
+        // leaves nothing to send again.
+        if self.received == self.size && !bytes.is_empty() && !self.size.is_multiple_of(CHUNK_SIZE)
+        {
+            if let Some(last) = self.hasher.clone().finish_chunks().last() {
+                self.hashes.write_all(last).map_err(storage_error)?;
+            }
+        }
         Ok(())
     }
 
-    fn commit(self: Box<Self>, digest: &str) -> Result<CommitReply> {
-        let upload = *self;
-        if upload.received != upload.size {
+    /// Overwrite missing chunks. A chunk's new hash replaces its zero entry only once its
+    /// bytes are durable, so a cut in between leaves it missing, never trusted.
+    fn repair(&mut self, bytes: &[u8]) -> Result<()> {
+        let Writing::Repair {
+            first,
+            at,
+            end,
+            hasher,
+        } = &mut self.writing
+        else {
+            return Err(Error::remote(ErrorCode::Conflict, "data without a range"));
+        };
+        if *at + bytes.len() as u64 > *end {
+            return Err(Error::remote(
+                ErrorCode::Conflict,
+                "more data than the announced range",
+            ));
+        }
+        self.data.write_all_at(bytes, *at).map_err(storage_error)?;
+        let before = hasher.complete_chunks().len();
+        hasher.update(bytes);
+        *at += bytes.len() as u64;
+        let mut done = hasher.complete_chunks()[before..].to_vec();
+        if *at == self.size && !bytes.is_empty() && !self.size.is_multiple_of(CHUNK_SIZE) {
+            done.extend(hasher.clone().finish_chunks().last());
+        }
+        if !done.is_empty() {
+            self.data.sync_data().map_err(storage_error)?;
+            let mut index = *first + before as u64;
+            for hash in done {
+                self.hashes
+                    .write_all_at(&hash, index * 32)
+                    .map_err(storage_error)?;
+                self.missing.remove(&index);
+                self.repaired.push((index, hash));
+                index += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// After a failed commit: keep the staged chunks that match the sender's hashes and
+    /// mark the others missing. Without usable hashes (absent, or not those of `digest`)
+    /// the staged upload is dropped. Returns the error for the sender.
+    fn keep_matching(
+        &self,
+        ours: &[ChunkHash],
+        digest: &str,
+        theirs: Option<&[ChunkHash]>,
+    ) -> Error {
+        let theirs = theirs.filter(|theirs| {
+            theirs.len() == ours.len()
+                && file_digest(theirs)
+                    .to_hex()
+                    .as_str()
+                    .eq_ignore_ascii_case(digest)
+        });
+        if let Some(theirs) = theirs {
+            let differ: Vec<u64> = (0..ours.len())
+                .filter(|&i| ours[i] != theirs[i])
+                .map(|i| i as u64)
+                .collect();
+            let runs = chunk_runs(differ.iter().copied(), MAX_MISSING_RANGES);
+            if self.mark_missing(&runs).is_ok() {
+                return Error::remote(
+                    ErrorCode::ChecksumMismatch,
+                    format!(
+                        "checksum mismatch for {}: {} of {} chunks differ from the sender's; \
+                         the others stay staged",
+                        self.name,
+                        differ.len(),
+                        ours.len()
+                    ),
+                );
+            }
+        }
+        self.paths.remove();
+        Error::remote(
+            ErrorCode::ChecksumMismatch,
+            format!(
+                "checksum mismatch for {}: the upload was discarded",
+                self.name
+            ),
+        )
+    }
+
+    /// Zero the `.hashes` entries of the chunks in `runs` (durably, before any of their
+    /// bytes can be overwritten).
+    fn mark_missing(&self, runs: &[(u64, u64)]) -> io::Result<()> {
+        for &(first, count) in runs {
+            let zeros = vec![0u8; count as usize * 32];
+            self.hashes.write_all_at(&zeros, first * 32)?;
+        }
+        self.hashes.sync_data()
+    }
+}
+
+impl StagedUpload for LocalUpload {
+    fn offset(&self) -> u64 {
+        self.received
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn missing(&self) -> Vec<(u64, u64)> {
+        chunk_runs(self.missing.iter().copied(), usize::MAX)
+            .into_iter()
+            .map(|(first, count)| {
+                let offset = first * CHUNK_SIZE;
+                (offset, (count * CHUNK_SIZE).min(self.size - offset))
+            })
+            .collect()
+    }
+
+    fn start_write(&mut self, offset: u64, len: u64) -> Result<()> {
+        let end = offset.checked_add(len).filter(|&end| end <= self.size);
+        if offset == self.received && end == Some(self.size) {
+            self.writing = Writing::Append;
+            return Ok(());
+        }
+        if let Some(end) = end {
+            let whole_chunks = len > 0
+                && offset.is_multiple_of(CHUNK_SIZE)
+                && (end.is_multiple_of(CHUNK_SIZE) || end == self.size);
+            let first = offset / CHUNK_SIZE;
+            if whole_chunks && (first..end.div_ceil(CHUNK_SIZE)).all(|i| self.missing.contains(&i))
+            {
+                self.writing = Writing::Repair {
+                    first,
+                    at: offset,
+                    end,
+                    hasher: ChunkHasher::new(),
+                };
+                return Ok(());
+            }
+        }
+        let or_missing = if self.missing.is_empty() {
+            ""
+        } else {
+            ", or a missing range"
+        };
+        Err(Error::remote(
+            ErrorCode::Conflict,
+            format!(
+                "{len} bytes sent at offset {offset}; expected the rest from offset {} to the \
+                 announced size {}{or_missing}",
+                self.received, self.size
+            ),
+        ))
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        match self.writing {
+            Writing::Append => self.append(bytes),
+            Writing::Repair { .. } => self.repair(bytes),
+        }
+    }
+
+    fn commit(self: Box<Self>, digest: &str, sent: Option<&[ChunkHash]>) -> Result<CommitReply> {
+        let mut upload = *self;
+        if upload.received != upload.size || !upload.missing.is_empty() {
+            let missing: u64 = upload
+                .missing
+                .iter()
+                .map(|&i| chunk_len(i, upload.size))
+                .sum();
             return Err(Error::remote(
                 ErrorCode::Conflict,
                 format!(
                     "upload incomplete: {} of {} bytes received",
-                    upload.received, upload.size
+                    upload.received - missing,
+                    upload.size
                 ),
             ));
         }
-        let chunks = upload.hasher.finish_chunks();
+        // The server's own hashes of the bytes it holds decide; the sender's chunk hashes
+        // only say which chunks to keep after a mismatch.
+        let mut chunks = std::mem::take(&mut upload.hasher).finish_chunks();
+        for &(index, hash) in &upload.repaired {
+            if let Some(chunk) = chunks.get_mut(index as usize) {
+                *chunk = hash;
+            }
+        }
         let actual = file_digest(&chunks).to_hex().to_string();
         if !digest.eq_ignore_ascii_case(&actual) {
-            upload.paths.remove();
-            return Err(Error::remote(
-                ErrorCode::ChecksumMismatch,
-                format!(
-                    "checksum mismatch for {}: the upload was discarded",
-                    upload.name
-                ),
-            ));
+            return Err(upload.keep_matching(&chunks, digest, sent));
         }
         upload.data.sync_all().map_err(storage_error)?;
         fs::rename(&upload.paths.data, &upload.target).map_err(storage_error)?;
@@ -408,6 +620,50 @@ impl StagedUpload for LocalUpload {
             digest: actual,
         })
     }
+}
+
+/// Sorted chunk indices as runs `(first, count)`. While there are more than `max`, runs
+/// separated by small gaps are merged (the chunks in between are then sent again, which
+/// costs time, not correctness).
+fn chunk_runs(indices: impl IntoIterator<Item = u64>, max: usize) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for i in indices {
+        match runs.last_mut() {
+            Some((first, count)) if *first + *count == i => *count += 1,
+            _ => runs.push((i, 1)),
+        }
+    }
+    let mut gap = 1u64;
+    while runs.len() > max.max(1) {
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+        for (first, count) in runs {
+            match merged.last_mut() {
+                Some((f, c)) if first - (*f + *c) <= gap => *c = first + count - *f,
+                _ => merged.push((first, count)),
+            }
+        }
+        runs = merged;
+        gap = gap.saturating_mul(2);
+    }
+    runs
+}
+
+/// Length of chunk `index` of a file of `size` bytes.
+fn chunk_len(index: u64, size: u64) -> u64 {
+    size.saturating_sub(index.saturating_mul(CHUNK_SIZE))
+        .min(CHUNK_SIZE)
+}
+
+/// Bytes of a staged upload's missing chunks (zero entries of its `.hashes` file).
+fn missing_bytes(hashes: &Path, size: u64) -> u64 {
+    let Ok(raw) = fs::read(hashes) else {
+        return 0;
+    };
+    raw.chunks_exact(32)
+        .enumerate()
+        .filter(|(_, hash)| *hash == &MISSING_CHUNK[..])
+        .map(|(i, _)| chunk_len(i as u64, size))
+        .sum()
 }
 
 /// Claim of one (user, name) upload slot, released on drop.
@@ -465,7 +721,8 @@ impl PartialPaths {
 }
 
 /// The chunk hashes of a staged upload that can be continued: same name and size, and
-/// only chunks whose bytes are all on disk.
+/// only chunks whose bytes are all on disk (whole chunks, and the short last one once
+/// every byte is). Missing chunks have [`MISSING_CHUNK`].
 fn staged_prefix(paths: &PartialPaths, name: &str, size: u64) -> Option<Vec<ChunkHash>> {
     let info = read_partial_info(&paths.info).ok()?;
     if info.name != name || info.size != size {
@@ -473,12 +730,23 @@ fn staged_prefix(paths: &PartialPaths, name: &str, size: u64) -> Option<Vec<Chun
     }
     let data_len = fs::metadata(&paths.data).ok()?.len();
     let raw = fs::read(&paths.hashes).ok()?;
-    let max_chunks = (data_len / CHUNK_SIZE).min(size / CHUNK_SIZE) as usize;
-    let chunks: Vec<ChunkHash> = raw
+    let on_disk = if data_len >= size {
+        size.div_ceil(CHUNK_SIZE)
+    } else {
+        data_len / CHUNK_SIZE
+    };
+    let mut chunks: Vec<ChunkHash> = raw
         .chunks_exact(32)
-        .take(max_chunks)
+        .take(on_disk as usize)
         .map(|c| c.try_into().unwrap())
         .collect();
+    // No more missing ranges than a reply lists (only a damaged file has more): else
+    // continue from the first missing chunk.
+    let missing = (0..chunks.len()).filter(|&i| chunks[i] == MISSING_CHUNK);
+    if chunk_runs(missing.map(|i| i as u64), usize::MAX).len() > MAX_MISSING_RANGES {
+        let first = chunks.iter().position(|c| *c == MISSING_CHUNK);
+        chunks.truncate(first.unwrap_or(chunks.len()));
+    }
     Some(chunks)
 }
 
@@ -578,4 +846,26 @@ pub fn iso8601(time: SystemTime) -> String {
     let format =
         time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
     time.format(&format).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_runs_coalesce_and_merge_down_to_the_limit() {
+        assert_eq!(
+            chunk_runs([1, 2, 3, 7, 9, 10], 10),
+            [(1, 3), (7, 1), (9, 2)]
+        );
+        assert!(chunk_runs([], 1).is_empty());
+        // Every other chunk of 1000: merged into at most 4 runs that still cover them all.
+        let runs = chunk_runs((0..1000).map(|i| i * 2), 4);
+        assert!(runs.len() <= 4, "{runs:?}");
+        for i in (0..1000).map(|i| i * 2) {
+            assert!(runs.iter().any(|&(f, c)| f <= i && i < f + c), "{i}");
+        }
+        assert_eq!(chunk_len(2, 2 * CHUNK_SIZE + 5), 5);
+        assert_eq!(chunk_len(3, 2 * CHUNK_SIZE + 5), 0);
+    }
 }

@@ -198,8 +198,14 @@ async fn concurrent_registrations_all_land_and_one_name_wins_once() {
 async fn users_xlsx_opens_in_openpyxl() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
-    client.register("00123", PASSWORD, MIN_ITERATIONS).await.unwrap();
-    client.register("zoe", PASSWORD, MIN_ITERATIONS).await.unwrap();
+    client
+        .register("00123", PASSWORD, MIN_ITERATIONS)
+        .await
+        .unwrap();
+    client
+        .register("zoe", PASSWORD, MIN_ITERATIONS)
+        .await
+        .unwrap();
     let script = r#"
 import sys, openpyxl
 book = openpyxl.load_workbook(sys.argv[1])
@@ -221,6 +227,13 @@ print(rows[0][0], len(rows), repr(rows[1][0]), type(rows[1][0]).__name__)
         return;
     }
     let out = out.unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "name 3 '00123' str");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "name 3 '00123' str"
+    );
 }

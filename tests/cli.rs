@@ -16,7 +16,8 @@ struct Env {
 impl Env {
     async fn new() -> Env {
         Env {
-            server: TestServer::start().await,
+            // TLS on, as `netdisk serve` runs by default; the CLI pins it on first use.
+            server: TestServer::start_tls().await,
             config: tempfile::tempdir().unwrap(),
             work: tempfile::tempdir().unwrap(),
         }

@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 
 use netdisk::client::{Client, NoProgress};
 use netdisk::scram::MIN_ITERATIONS;
-use netdisk::server::{Server, ServerConfig};
+use netdisk::server::{Server, ServerConfig, TlsSetting};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 
@@ -17,6 +17,8 @@ pub const PASSWORD: &str = "correct horse battery staple";
 /// A running server; stopped when dropped.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The TLS certificate's fingerprint, when TLS is on.
+    pub fingerprint: Option<String>,
     pub root: PathBuf,
     pub dir: TempDir,
     stop: Option<oneshot::Sender<()>>,
@@ -24,22 +26,33 @@ pub struct TestServer {
 }
 
 impl TestServer {
+    /// A plain-TCP server (library tests; TLS has its own tests).
     pub async fn start() -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root");
         Self::start_with(dir, root, |_| {}).await
     }
 
-    /// Start on an existing root (a restart), adjusting the config.
+    /// A server with TLS as `netdisk serve` runs by default (self-signed certificate).
+    pub async fn start_tls() -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        Self::start_with(dir, root, |c| c.tls = TlsSetting::SelfSigned).await
+    }
+
+    /// Start on an existing root (a restart), adjusting the config (TLS off unless
+    /// `adjust` turns it on).
     pub async fn start_with(
         dir: TempDir,
         root: PathBuf,
         adjust: impl FnOnce(&mut ServerConfig),
     ) -> TestServer {
         let mut config = ServerConfig::new("127.0.0.1:0", &root);
+        config.tls = TlsSetting::Off;
         adjust(&mut config);
         let server = Server::bind(config).await.unwrap();
         let addr = server.local_addr().unwrap();
+        let fingerprint = server.fingerprint().map(str::to_string);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             server
@@ -51,6 +64,7 @@ impl TestServer {
         });
         TestServer {
             addr,
+            fingerprint,
             root,
             dir,
             stop: Some(stop),
@@ -146,4 +160,65 @@ pub async fn run(mut cmd: Command) -> Output {
 
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// The `netdisk serve` binary as a child process on an ephemeral port (for tests that
+/// kill it). `wrap` can put a command in front (e.g. `unshare`).
+pub struct ServerProcess {
+    pub child: std::process::Child,
+    pub addr: String,
+    pub log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl ServerProcess {
+    pub fn spawn(root: &Path, extra: &[&str]) -> ServerProcess {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_netdisk"));
+        cmd.args(["serve", "--no-tls", "--listen", "127.0.0.1:0", "--root"])
+            .arg(root)
+            .args(extra);
+        Self::spawn_command(cmd)
+    }
+
+    /// Spawn `cmd` (which must run `netdisk serve --listen 127.0.0.1:0`) and wait for the
+    /// address it logs.
+    pub fn spawn_command(mut cmd: Command) -> ServerProcess {
+        use std::io::BufRead;
+        cmd.env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.split("addr=").nth(1) {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(addr.split_whitespace().next().unwrap().to_string());
+                    }
+                }
+                sink.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let addr = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("server did not start: {}", log.lock().unwrap()));
+        ServerProcess { child, addr, log }
+    }
+
+    /// SIGKILL: no chance to clean up, as in a crash.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
 }

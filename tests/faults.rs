@@ -1,0 +1,200 @@
+//! Crashes and cuts: `kill -9` of the server during an upload and during users.xlsx
+//! updates, a full disk during an upload. Nothing acknowledged may be lost, nothing
+//! half-written may appear under a real name.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use calamine::{open_workbook, Reader, Xlsx};
+use common::*;
+use netdisk::client::{Client, NoProgress, Progress};
+use netdisk::scram::MIN_ITERATIONS;
+
+fn users_in_table(root: &std::path::Path) -> Vec<String> {
+    let mut book: Xlsx<_> = open_workbook(root.join("users.xlsx")).unwrap();
+    let range = book.worksheet_range("users").unwrap();
+    range.rows().skip(1).map(|row| row[0].to_string()).collect()
+}
+
+/// Kills the server once `after` bytes of an upload have been sent.
+struct KillAt {
+    sent: u64,
+    after: u64,
+    server: Arc<Mutex<ServerProcess>>,
+}
+
+impl Progress for KillAt {
+    fn advance(&mut self, bytes: u64) {
+        self.sent += bytes;
+        if self.sent >= self.after && self.sent - bytes < self.after {
+            self.server.lock().unwrap().kill9();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_an_upload_loses_nothing_and_the_upload_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let server = ServerProcess::spawn(&root, &[]);
+    let addr = server.addr.clone();
+    let mut client = Client::connect(&addr).await.unwrap();
+    client
+        .register("crash", PASSWORD, MIN_ITERATIONS)
+        .await
+        .unwrap();
+    client.login("crash", PASSWORD).await.unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let data = random_bytes(48 * 1024 * 1024, 11);
+    let local = write_file(work.path(), "big.bin", &data);
+    put_bytes(&mut client, work.path(), "big.bin", b"the old version").await;
+
+    let server = Arc::new(Mutex::new(server));
+    let mut killer = KillAt {
+        sent: 0,
+        after: data.len() as u64 / 2,
+        server: server.clone(),
+    };
+    let result = client.put(&local, "big.bin", false, &mut killer).await;
+    assert!(result.is_err(), "the server died mid-upload");
+
+    // The old file is intact under its name; the table is complete.
+    let target = root.join("files/crash/big.bin");
+    assert_eq!(std::fs::read(&target).unwrap(), b"the old version");
+    assert_eq!(users_in_table(&root), ["crash"]);
+
+    let restarted = ServerProcess::spawn(&root, &[]);
+    let mut client = Client::connect(&restarted.addr).await.unwrap();
+    client.login("crash", PASSWORD).await.unwrap();
+    let outcome = client
+        .put(&local, "big.bin", false, &mut NoProgress)
+        .await
+        .unwrap();
+    assert!(std::fs::read(&target).unwrap() == data);
+    assert!(outcome.resumed_from > 0, "the staged part was reused");
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_registrations_keeps_every_acknowledged_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let server = ServerProcess::spawn(&root, &[]);
+    let addr = server.addr.clone();
+    let acknowledged = Arc::new(Mutex::new(Vec::new()));
+    let count = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for worker in 0..4 {
+        let (addr, acknowledged, count) = (addr.clone(), acknowledged.clone(), count.clone());
+        tasks.push(tokio::spawn(async move {
+            let Ok(mut client) = Client::connect(&addr).await else {
+                return;
+            };
+            for i in 0..1000 {
+                let name = format!("w{worker}-{i}");
+                match client.register(&name, PASSWORD, MIN_ITERATIONS).await {
+                    Ok(()) => {
+                        acknowledged.lock().unwrap().push(name);
+                        count.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    // Kill once a good number of writes have been acknowledged, with more in flight.
+    let mut server = server;
+    for _ in 0..10_000 {
+        if count.load(Ordering::SeqCst) >= 40 {
+            break;
+        }
+        tokio::task::yield_now().await;
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    server.kill9();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(acknowledged.len() >= 40);
+
+    // The table parses (the server starts on it) and holds every acknowledged user.
+    let restarted = ServerProcess::spawn(&root, &[]);
+    let in_table = users_in_table(&root);
+    for name in &acknowledged {
+        assert!(
+            in_table.contains(name),
+            "{name} was acknowledged but is missing"
+        );
+    }
+    let mut client = Client::connect(&restarted.addr).await.unwrap();
+    client
+        .login(&acknowledged[acknowledged.len() - 1], PASSWORD)
+        .await
+        .unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains("users.xlsx") && name != "users.xlsx")
+        .collect();
+    // A temp file of the interrupted write may remain; it is never read as the table.
+    assert!(leftovers.len() <= 1, "{leftovers:?}");
+}
+
+/// A 24 MiB file system for the server, in a private mount namespace (`unshare`), so the
+/// test needs no privileges beyond user namespaces. Its files are inspected through
+/// /proc/PID/root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_gives_a_clear_error_and_nothing_half_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("small");
+    std::fs::create_dir_all(&root).unwrap();
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["-rm", "sh", "-c"])
+        .arg("mount -t tmpfs -o size=24m tmpfs \"$0\" && exec \"$1\" serve --no-tls --listen 127.0.0.1:0 --root \"$0\"")
+        .arg(&root)
+        .arg(env!("CARGO_BIN_EXE_netdisk"));
+    let server = ServerProcess::spawn_command(cmd);
+    let seen_root = std::path::PathBuf::from(format!("/proc/{}/root", server.child.id()))
+        .join(root.strip_prefix("/").unwrap());
+
+    let mut client = Client::connect(&server.addr).await.unwrap();
+    client
+        .register("full", PASSWORD, MIN_ITERATIONS)
+        .await
+        .unwrap();
+    client.login("full", PASSWORD).await.unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let too_big = write_file(
+        work.path(),
+        "too-big.bin",
+        &random_bytes(40 * 1024 * 1024, 3),
+    );
+    let err = client
+        .put(&too_big, "too-big.bin", false, &mut NoProgress)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(netdisk::ErrorCode::NoSpace), "{err}");
+    assert!(err.to_string().contains("full"), "{err}");
+
+    assert!(!seen_root.join("files/full/too-big.bin").exists());
+    assert!(client.list().await.unwrap().is_empty());
+    // The server keeps serving, and the space of the failed upload was freed.
+    put_bytes(
+        &mut client,
+        work.path(),
+        "small.txt",
+        &random_bytes(8 * 1024 * 1024, 4),
+    )
+    .await;
+    let names: Vec<_> = client
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, ["small.txt"]);
+}
