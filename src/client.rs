@@ -262,7 +262,7 @@ impl Client {
         // Ranges to send again: whole chunks, in order, before `offset`.
         let mut previous_end = 0u64;
         for &(start, len) in &reply.missing {
-            let end = start.checked_add(len).unwrap_or(u64::MAX);
+            let end = start.saturating_add(len);
             if start < previous_end || !start.is_multiple_of(CHUNK_SIZE) || len == 0 || end > offset
             {
                 return Err(Error::Protocol(format!(
@@ -272,7 +272,8 @@ impl Client {
             previous_end = end;
         }
         let resend: u64 = reply.missing.iter().map(|&(_, len)| len).sum();
-        if offset > 0 {
+        // (After a mismatch everything may be staged but the chunks that differ.)
+        if offset > 0 && (resend == 0 || offset < size) {
             progress.notice(&format!("resuming the upload of {remote} at byte {offset}"));
         }
         if resend > 0 {

@@ -659,7 +659,7 @@ impl Handler {
             Err(e) => {
                 // A lost connection can leave the sink finishing its last writes on the
                 // worker thread: wait until it is dropped, so the upload's name is free
-                // and every byte that arrived is staged before this connection ends.
+                // and its files settled before this connection ends.
                 let _ = gone.await;
                 return Err(e);
             }

@@ -272,9 +272,9 @@ impl Storage for LocalStorage {
                     size,
                 })
                 .map_err(|e| internal(e.to_string()))?;
-                fs::write(&paths.info, info)?;
-                let data = File::create(&paths.data)?;
-                let hashes = File::create(&paths.hashes)?;
+                fs::write(&paths.info, info).map_err(storage_error)?;
+                let data = File::create(&paths.data).map_err(storage_error)?;
+                let hashes = File::create(&paths.hashes).map_err(storage_error)?;
                 (data, hashes, Vec::new())
             }
         };
@@ -380,12 +380,13 @@ struct LocalUpload {
 enum Writing {
     /// At the end of the staged data.
     Append,
-    /// Over missing chunks from chunk `first`: the next byte goes to `at`; the range ends at `end`.
+    /// Over missing chunks from chunk `first`: the next byte goes to `at`; the range
+    /// ends at `end`.
     Repair {
         first: u64,
         at: u64,
         end: u64,
-        hasher: ChunkHasher,
+        hasher: Box<ChunkHasher>,
     },
 }
 
@@ -400,18 +401,20 @@ impl LocalUpload {
         self.data.write_all(bytes).map_err(storage_error)?;
         let complete_before = self.hasher.complete_chunks().len();
         self.hasher.update(bytes);
-        // Record each finished chunk's hash after its data, so a resume never trusts a
-        // chunk whose bytes were not written.
-        for hash in &self.hasher.complete_chunks()[complete_before..] {
-            self.hashes.write_all(hash).map_err(storage_error)?;
-        }
         self.received += bytes.len() as u64;
+        let mut done = self.hasher.complete_chunks()[complete_before..].to_vec();
         // The short last chunk too, once all bytes are in: a cut before the commit then
         // leaves nothing to send again.
         if self.received == self.size && !bytes.is_empty() && !self.size.is_multiple_of(CHUNK_SIZE)
         {
-            if let Some(last) = self.hasher.clone().finish_chunks().last() {
-                self.hashes.write_all(last).map_err(storage_error)?;
+            done.extend(self.hasher.clone().finish_chunks().last());
+        }
+        // Record each finished chunk's hash once its bytes are durable, so a resume, even
+        // after a power cut, never trusts a chunk whose bytes are not on disk.
+        if !done.is_empty() {
+            self.data.sync_data().map_err(storage_error)?;
+            for hash in &done {
+                self.hashes.write_all(hash).map_err(storage_error)?;
             }
         }
         Ok(())
@@ -445,14 +448,12 @@ impl LocalUpload {
         }
         if !done.is_empty() {
             self.data.sync_data().map_err(storage_error)?;
-            let mut index = *first + before as u64;
-            for hash in done {
+            for (index, hash) in (*first + before as u64..).zip(done) {
                 self.hashes
                     .write_all_at(&hash, index * 32)
                     .map_err(storage_error)?;
                 self.missing.remove(&index);
                 self.repaired.push((index, hash));
-                index += 1;
             }
         }
         Ok(())
@@ -550,7 +551,7 @@ impl StagedUpload for LocalUpload {
                     first,
                     at: offset,
                     end,
-                    hasher: ChunkHasher::new(),
+                    hasher: Box::default(),
                 };
                 return Ok(());
             }
@@ -571,10 +572,19 @@ impl StagedUpload for LocalUpload {
     }
 
     fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        match self.writing {
+        let written = match self.writing {
             Writing::Append => self.append(bytes),
             Writing::Repair { .. } => self.repair(bytes),
+        };
+        // On a full disk the staged bytes would only keep it full: they are dropped (the
+        // space is freed when this upload is) and the next put starts over.
+        if written
+            .as_ref()
+            .is_err_and(|e| e.code() == Some(ErrorCode::NoSpace))
+        {
+            self.paths.remove();
         }
+        written
     }
 
     fn commit(self: Box<Self>, digest: &str, sent: Option<&[ChunkHash]>) -> Result<CommitReply> {

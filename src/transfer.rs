@@ -40,9 +40,8 @@ pub async fn receive_body<S: BodySink>(
         let mut sink = sink;
         for (buf, n) in full_rx {
             sink.write(&buf[..n])?;
-            if empty_tx.blocking_send(buf).is_err() {
-                break;
-            }
+            // If the connection is gone, still write what already arrived (more to resume from).
+            let _ = empty_tx.blocking_send(buf);
         }
         Ok(sink)
     });

@@ -214,7 +214,6 @@ async fn assert_only_staged(
         "{} staged of {sent} sent",
         entry.received
     );
-    eprintln!("DEBUG {name}: {} staged of {sent} sent", entry.received);
     assert!(entry.updated.ends_with('Z'));
     let work = tempfile::tempdir().unwrap();
     let err = client
