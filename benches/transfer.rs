@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
-use netdisk::client::{Client, NoProgress};
+use netdisk::client::{Client, ConnectOptions, NoProgress};
+use netdisk::tls::ClientTls;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufStream};
 use tokio::net::{TcpListener, TcpStream};
@@ -259,8 +260,19 @@ impl Report {
         println!();
         println!("netdisk transfer benchmark");
         for key in [
-            "cpu", "cores", "memory", "kernel", "os", "data_dir", "data_fs", "netdisk", "commit",
-            "tls", "date",
+            "cpu",
+            "cores",
+            "memory",
+            "kernel",
+            "os",
+            "data_dir",
+            "data_fs",
+            "netdisk",
+            "commit",
+            "tls",
+            "load_at_start",
+            "load_at_end",
+            "date",
         ] {
             if let Some(v) = facts.get(key) {
                 let v = v
@@ -575,9 +587,29 @@ impl Variant {
         }
     }
 
-    /// The library client speaks plain TCP (a TLS client API is not known to this bench).
-    fn library_ok(self) -> bool {
-        self != Variant::Tls
+    /// How the library client connects; TLS pins the server's self-signed certificate on
+    /// first use in the same file the command line uses.
+    fn connect_options(self, config: &Path) -> ConnectOptions {
+        let tls = (self == Variant::Tls).then(|| ClientTls::Pinned {
+            known_servers: config.join("netdisk").join("known_servers"),
+        });
+        ConnectOptions { tls, secret: None }
+    }
+}
+
+/// What an in-process client needs: where, how, and a session token.
+#[derive(Clone)]
+struct Lib {
+    addr: String,
+    options: ConnectOptions,
+    token: String,
+}
+
+impl Lib {
+    async fn client(&self) -> Result<Client> {
+        let mut client = Client::connect_with(&self.addr, &self.options).await?;
+        client.login_with_token(&self.token).await?;
+        Ok(client)
     }
 }
 
@@ -618,6 +650,8 @@ impl ServerProc {
             .env_remove("RUST_LOG")
             .env_remove("NETDISK_LISTEN")
             .env_remove("NETDISK_ROOT")
+            .env_remove("NETDISK_NO_TLS")
+            .env_remove("NETDISK_SECRET_FILE")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&log)?);
@@ -668,6 +702,9 @@ impl ServerProc {
             .env("HOME", &self.config)
             .env("NETDISK_PASSWORD", PASSWORD)
             .env_remove("NETDISK_SERVER")
+            .env_remove("NETDISK_NO_TLS")
+            .env_remove("NETDISK_CA")
+            .env_remove("NETDISK_SECRET_FILE")
             .env_remove("RUST_LOG");
         cmd
     }
@@ -676,41 +713,35 @@ impl ServerProc {
         self.root.with_file_name("client.stderr")
     }
 
-    /// Register the benchmark user (SCRAM `iterations` through the library when it can,
-    /// else the command line's default) and save a command-line login.
+    /// Register the benchmark user with `iterations` SCRAM iterations (through the
+    /// library), keep a token for in-process clients, and save a command-line login.
     fn add_user(&mut self, rt: &tokio::runtime::Runtime, iterations: u32) -> Result<()> {
-        if self.variant.library_ok() {
-            let addr = self.addr.clone();
-            let token = rt.block_on(async move {
-                let mut client = Client::connect(&addr).await?;
-                client.register(USER, PASSWORD, iterations).await?;
-                let token = client.login(USER, PASSWORD).await?;
-                client.quit().await?;
-                anyhow::Ok(token)
-            })?;
-            self.token = Some(token);
-        } else {
-            let mut cmd = self.cli("register");
-            cmd.arg(USER);
-            run_measured(cmd, &self.errlog()).context("netdisk register")?;
-        }
+        let addr = self.addr.clone();
+        let options = self.variant.connect_options(&self.config);
+        let token = rt.block_on(async move {
+            let mut client = Client::connect_with(&addr, &options).await?;
+            client.register(USER, PASSWORD, iterations).await?;
+            let token = client.login(USER, PASSWORD).await?;
+            client.quit().await?;
+            anyhow::Ok(token)
+        })?;
+        self.token = Some(token);
         let mut cmd = self.cli("login");
         cmd.arg(USER);
         run_measured(cmd, &self.errlog()).context("netdisk login")?;
         Ok(())
     }
 
-    /// A library client logged in with the saved token.
-    async fn client(addr: String, token: String) -> Result<Client> {
-        let mut client = Client::connect(&addr).await?;
-        client.login_with_token(&token).await?;
-        Ok(client)
-    }
-
-    fn token(&self) -> Result<String> {
-        self.token
-            .clone()
-            .ok_or_else(|| anyhow!("no library login on a {} server", self.variant.label()))
+    /// How in-process clients reach this server (after `add_user`).
+    fn lib(&self) -> Result<Lib> {
+        Ok(Lib {
+            addr: self.addr.clone(),
+            options: self.variant.connect_options(&self.config),
+            token: self
+                .token
+                .clone()
+                .ok_or_else(|| anyhow!("no user on this server yet"))?,
+        })
     }
 
     /// Body bytes the server logged for its last `get` (the log line of each command).
@@ -802,6 +833,7 @@ fn machine_facts(env: &Env) -> Value {
     } else {
         "not available in this build"
     };
+    let load = load_average();
     let date = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
@@ -816,9 +848,17 @@ fn machine_facts(env: &Env) -> Value {
         "netdisk": netdisk,
         "binary": env.bin.display().to_string(),
         "commit": commit,
-        "tls": tls,
+                "tls": tls,
+        "load_at_start": load,
         "date": date,
     })
+}
+
+/// The 1, 5 and 15 minute load averages: other work on the machine shows up here.
+fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 /// "ext4 on /dev/vda (mounted at /)": the mount with the longest prefix of `path`.
@@ -923,6 +963,10 @@ fn remove(path: &Path) {
 
 /// Copy `src` over a loopback TCP connection into `dst` (created), optionally fsyncing
 /// at the end: no framing, no hashing, no TLS. Returns (seconds, CPU seconds of both ends).
+///
+/// One task per side on a two-worker runtime; each does its file IO inline (a page-cache
+/// copy, like the socket IO) rather than hand every block to another thread: this is the
+/// bare minimum a copy costs, the ceiling netdisk is measured against.
 fn raw_copy(
     rt: &tokio::runtime::Runtime,
     src: &Path,
@@ -944,10 +988,10 @@ fn raw_copy(
                 if n == 0 {
                     break;
                 }
-                tokio::task::block_in_place(|| file.write_all(&buf[..n]))?;
+                file.write_all(&buf[..n])?;
             }
             if fsync {
-                tokio::task::block_in_place(|| file.sync_all())?;
+                file.sync_all()?;
             }
             anyhow::Ok(())
         });
@@ -957,7 +1001,7 @@ fn raw_copy(
             let mut file = File::open(&src)?;
             let mut buf = vec![0u8; BLOCK];
             loop {
-                let n = tokio::task::block_in_place(|| file.read(&mut buf))?;
+                let n = file.read(&mut buf)?;
                 if n == 0 {
                     break;
                 }
@@ -1625,6 +1669,13 @@ fn workload_large(env: &Env, s: &Settings, peers: &Peers, report: &mut Report) -
             for peer in ["sftp", "rsync", "dufs"] {
                 row.compare.push((peer, format!("{peer} {op}")));
             }
+            let both: Vec<f64> = series
+                .client_cpu
+                .iter()
+                .zip(&series.server_cpu)
+                .map(|(c, s)| c + s)
+                .collect();
+            report.row(w, label, &format!("{op} CPU, both ends"), "s", both);
             report.row(
                 w,
                 label,
@@ -1820,102 +1871,62 @@ fn workload_small(env: &Env, s: &Settings, peers: &Peers, report: &mut Report) -
         write_small(&dir.join(name), s.small_size, i as u64 + 7)?;
     }
     sync_disks();
-    let out = env.work.join("small-out");
-    let variant = *env.variants.last().expect("at least one variant");
-    let label = variant.label();
-    let mut server = ServerProc::start(env, "w3", variant, 64)?;
-    server.add_user(&env.rt, s.iterations)?;
-    let token = server.token()?;
     let mput = has_subcommand(&env.bin, "mput") && has_subcommand(&env.bin, "mget");
-
-    let (mut put_rate, mut get_rate, mut put_cpu, mut get_cpu) = (vec![], vec![], vec![], vec![]);
-    let (mut mput_rate, mut mget_rate) = (vec![], vec![]);
+    let small = Small {
+        dir: dir.clone(),
+        out: env.work.join("small-out"),
+        names: names.clone(),
+        mput,
+    };
+    let mut servers = Vec::new();
+    for &variant in &env.variants {
+        let label = variant.label();
+        let started = (|| -> Result<(ServerProc, Lib)> {
+            let mut server = ServerProc::start(env, &format!("w3-{label}"), variant, 64)?;
+            server.add_user(&env.rt, s.iterations)?;
+            let lib = server.lib()?;
+            Ok((server, lib))
+        })();
+        match started {
+            Ok((server, lib)) => servers.push((server, lib, SmallSeries::default())),
+            Err(e) => report.fail(&format!("workload 3 ({label}): setup"), &e),
+        }
+    }
     let mut peer_rates: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for run in 0..s.runs {
         eprintln!("workload 3: run {}/{}", run + 1, s.runs);
-        // Library: Client::put / Client::get in a loop over one connection.
-        remove(&out);
-        fs::create_dir_all(&out)?;
-        sync_disks();
-        let cpu_before = server.cpu();
-        let started = Instant::now();
-        let (addr, t, d, nm) = (
-            server.addr.clone(),
-            token.clone(),
-            dir.clone(),
-            names.clone(),
-        );
-        env.rt.block_on(async move {
-            let mut client = ServerProc::client(addr, t).await?;
-            for name in &nm {
-                client
-                    .put(&d.join(name), name, false, &mut NoProgress)
-                    .await?;
+        for (server, lib, series) in servers.iter_mut() {
+            if series.failed {
+                continue;
             }
-            client.quit().await?;
-            anyhow::Ok(())
-        })?;
-        put_rate.push(n as f64 / started.elapsed().as_secs_f64());
-        put_cpu.push(server.cpu() - cpu_before);
-        sync_disks();
-        let cpu_before = server.cpu();
-        let started = Instant::now();
-        let (addr, t, o, nm) = (
-            server.addr.clone(),
-            token.clone(),
-            out.clone(),
-            names.clone(),
-        );
-        env.rt.block_on(async move {
-            let mut client = ServerProc::client(addr, t).await?;
-            for name in &nm {
-                client
-                    .get(name, &o.join(name), false, &mut NoProgress)
-                    .await?;
-            }
-            client.quit().await?;
-            anyhow::Ok(())
-        })?;
-        get_rate.push(n as f64 / started.elapsed().as_secs_f64());
-        get_cpu.push(server.cpu() - cpu_before);
-
-        if mput {
-            let result = (|| -> Result<()> {
-                sync_disks();
-                let mut cmd = server.cli("mput");
-                cmd.current_dir(&dir).args(&names);
-                let r = run_measured(cmd, &server.errlog())?;
-                mput_rate.push(n as f64 / r.wall);
-                remove(&out);
-                fs::create_dir_all(&out)?;
-                sync_disks();
-                let mut cmd = server.cli("mget");
-                cmd.current_dir(&out).args(&names);
-                let r = run_measured(cmd, &server.errlog())?;
-                mget_rate.push(n as f64 / r.wall);
-                Ok(())
-            })();
-            if let Err(e) = result {
-                report.fail("workload 3 (mput/mget)", &e);
+            if let Err(e) = small_run(env, server, lib, &small, series) {
+                report.fail(&format!("workload 3 ({})", server.variant.label()), &e);
+                series.failed = true;
             }
         }
         peers_small(env, peers, &dir, &names, &mut peer_rates, report);
     }
-    // One `netdisk put` process per file, as a shell loop would do today.
+    // One `netdisk put` process per file, as a shell loop would do without mput.
     let k = s.cli_files.min(n);
-    let mut cli_rate = Vec::new();
-    if k > 0 {
+    for (server, _, series) in servers.iter_mut() {
+        if k == 0 || series.failed {
+            continue;
+        }
         sync_disks();
         let started = Instant::now();
-        for name in &names[..k] {
+        let result = names[..k].iter().try_for_each(|name| {
             let mut cmd = server.cli("put");
             cmd.arg(dir.join(name)).arg(name);
-            run_measured(cmd, &server.errlog())?;
+            run_measured(cmd, &server.errlog()).map(|_| ())
+        });
+        match result {
+            Ok(()) => series
+                .cli_rate
+                .push(k as f64 / started.elapsed().as_secs_f64()),
+            Err(e) => report.fail("workload 3 (CLI loop)", &e),
         }
-        cli_rate.push(k as f64 / started.elapsed().as_secs_f64());
     }
-    drop(server);
-    remove(&out);
+    remove(&small.out);
 
     for (key, rates) in &peer_rates {
         report.yardstick(key, rates);
@@ -1927,37 +1938,125 @@ fn workload_small(env: &Env, s: &Settings, peers: &Peers, report: &mut Report) -
             row.compare.push((peer, format!("{peer} {op}")));
         }
     };
-    let lib = format!("{label}, Client loop");
-    compare(
-        report.row(w, &lib, "put (1 connection)", "files/s", put_rate),
-        "mput",
-    );
-    report.row(w, &lib, "put server CPU", "s", put_cpu);
-    compare(
-        report.row(w, &lib, "get (1 connection)", "files/s", get_rate),
-        "mget",
-    );
-    report.row(w, &lib, "get server CPU", "s", get_cpu);
-    if mput {
-        compare(report.row(w, label, "mput", "files/s", mput_rate), "mput");
-        compare(report.row(w, label, "mget", "files/s", mget_rate), "mget");
-    } else {
+    for (server, _, series) in servers {
+        let label = server.variant.label();
+        let lib = format!("{label}, Client loop");
+        if !series.put_rate.is_empty() {
+            compare(
+                report.row(w, &lib, "put (1 connection)", "files/s", series.put_rate),
+                "mput",
+            );
+            report.row(w, &lib, "put server CPU", "s", series.put_cpu);
+            compare(
+                report.row(w, &lib, "get (1 connection)", "files/s", series.get_rate),
+                "mget",
+            );
+            report.row(w, &lib, "get server CPU", "s", series.get_cpu);
+        }
+        if !series.mput_rate.is_empty() {
+            compare(
+                report.row(w, label, "mput", "files/s", series.mput_rate),
+                "mput",
+            );
+            compare(
+                report.row(w, label, "mget", "files/s", series.mget_rate),
+                "mget",
+            );
+        }
+        if !series.cli_rate.is_empty() {
+            let row = report.row(
+                w,
+                &format!("{label}, CLI loop"),
+                &format!("put x{k}, 1 process each"),
+                "files/s",
+                series.cli_rate,
+            );
+            compare(row, "mput");
+        }
+    }
+    if !mput {
         report.note(
             "workload 3: `netdisk mput`/`mget` are not in this build; measured a loop of \
              Client::put / Client::get over one connection instead (no pipelining)",
         );
     }
-    if !cli_rate.is_empty() {
-        compare(
-            report.row(
-                w,
-                &format!("{label}, CLI loop"),
-                &format!("put x{k}, 1 process each"),
-                "files/s",
-                cli_rate,
-            ),
-            "mput",
-        );
+    Ok(())
+}
+
+/// The small files of workload 3 and where downloads go.
+struct Small {
+    dir: PathBuf,
+    out: PathBuf,
+    names: Vec<String>,
+    mput: bool,
+}
+
+#[derive(Default)]
+struct SmallSeries {
+    put_rate: Vec<f64>,
+    get_rate: Vec<f64>,
+    put_cpu: Vec<f64>,
+    get_cpu: Vec<f64>,
+    mput_rate: Vec<f64>,
+    mget_rate: Vec<f64>,
+    cli_rate: Vec<f64>,
+    failed: bool,
+}
+
+/// One run of workload 3 against one server: the library loop, then mput/mget if built.
+fn small_run(
+    env: &Env,
+    server: &ServerProc,
+    lib: &Lib,
+    small: &Small,
+    series: &mut SmallSeries,
+) -> Result<()> {
+    let n = small.names.len() as f64;
+    remove(&small.out);
+    fs::create_dir_all(&small.out)?;
+    sync_disks();
+    let cpu_before = server.cpu();
+    let started = Instant::now();
+    env.rt.block_on(async {
+        let mut client = lib.client().await?;
+        for name in &small.names {
+            client
+                .put(&small.dir.join(name), name, false, &mut NoProgress)
+                .await?;
+        }
+        client.quit().await?;
+        anyhow::Ok(())
+    })?;
+    series.put_rate.push(n / started.elapsed().as_secs_f64());
+    series.put_cpu.push(server.cpu() - cpu_before);
+    sync_disks();
+    let cpu_before = server.cpu();
+    let started = Instant::now();
+    env.rt.block_on(async {
+        let mut client = lib.client().await?;
+        for name in &small.names {
+            client
+                .get(name, &small.out.join(name), false, &mut NoProgress)
+                .await?;
+        }
+        client.quit().await?;
+        anyhow::Ok(())
+    })?;
+    series.get_rate.push(n / started.elapsed().as_secs_f64());
+    series.get_cpu.push(server.cpu() - cpu_before);
+    if small.mput {
+        sync_disks();
+        let mut cmd = server.cli("mput");
+        cmd.current_dir(&small.dir).args(&small.names);
+        let r = run_measured(cmd, &server.errlog())?;
+        series.mput_rate.push(n / r.wall);
+        remove(&small.out);
+        fs::create_dir_all(&small.out)?;
+        sync_disks();
+        let mut cmd = server.cli("mget");
+        cmd.current_dir(&small.out).args(&small.names);
+        let r = run_measured(cmd, &server.errlog())?;
+        series.mget_rate.push(n / r.wall);
     }
     Ok(())
 }
@@ -2063,42 +2162,81 @@ fn peers_small(
 // Workload 4: many clients: idle then ls; concurrent puts
 
 fn workload_clients(env: &Env, s: &Settings, peers: &Peers, report: &mut Report) -> Result<()> {
-    let w = "4 many clients";
-    let variant = *env.variants.last().expect("at least one variant");
-    let label = variant.label();
     let n = s.idle_clients;
-    let max_connections = n + s.concurrent + 16;
     let limit = raise_fd_limit((n + s.concurrent) as u64 * 2 + 256);
     if limit < (n + s.concurrent) as u64 + 64 {
         report.note(format!(
             "open-files limit {limit} may be too low for {n} clients"
         ));
     }
-    let mut server = ServerProc::start(env, "w4", variant, max_connections)?;
-    server.add_user(&env.rt, s.iterations)?;
-    let token = server.token()?;
     // Something to list: 16 small files.
     let dir = env.work.join("w4-files");
     fs::create_dir_all(&dir)?;
     for i in 0..16u64 {
         write_small(&dir.join(format!("listed-{i:02}.bin")), 4096, i + 100)?;
     }
+    let src = env.work.join("src").join("concurrent.bin");
+    fs::create_dir_all(src.parent().expect("has a parent"))?;
+    write_random_file(&src, s.concurrent_size, 3)?;
+    for (i, &variant) in env.variants.iter().enumerate() {
+        // dufs is measured once, next to the first variant.
+        let dufs = if i == 0 { peers.dufs.as_ref() } else { None };
+        if let Err(e) = clients_variant(env, s, variant, dufs, &dir, &src, report) {
+            report.fail(&format!("workload 4 ({})", variant.label()), &e);
+        }
+    }
+    Ok(())
+}
+
+/// A server with 16 files to list, ready for in-process clients.
+fn listing_server(
+    env: &Env,
+    s: &Settings,
+    variant: Variant,
+    name: &str,
+    dir: &Path,
+) -> Result<(ServerProc, Lib)> {
+    let max_connections = s.idle_clients + s.concurrent + 16;
+    let mut server = ServerProc::start(env, name, variant, max_connections)?;
+    server.add_user(&env.rt, s.iterations)?;
+    let lib = server.lib()?;
     for i in 0..16u64 {
         let mut cmd = server.cli("put");
         cmd.arg(dir.join(format!("listed-{i:02}.bin")));
         run_measured(cmd, &server.errlog())?;
     }
+    Ok((server, lib))
+}
 
+fn clients_variant(
+    env: &Env,
+    s: &Settings,
+    variant: Variant,
+    dufs: Option<&Dufs>,
+    dir: &Path,
+    src: &Path,
+    report: &mut Report,
+) -> Result<()> {
+    let w = "4 many clients";
+    let label = variant.label();
+    let n = s.idle_clients;
     let (mut rss_base, mut rss_idle, mut rss_after, mut per_client) =
         (vec![], vec![], vec![], vec![]);
     let (mut seq_p50, mut seq_p99, mut burst_p50, mut burst_p99) = (vec![], vec![], vec![], vec![]);
     let mut connect_rate = vec![];
     for run in 0..s.runs {
-        eprintln!("workload 4: run {}/{}: {n} idle clients", run + 1, s.runs);
+        eprintln!(
+            "workload 4 ({label}): run {}/{}: {n} idle clients",
+            run + 1,
+            s.runs
+        );
+        // A fresh server each run: memory a process once had is not given back, so a
+        // second run on the same server would start from the first one's high-water mark.
+        let (server, lib) = listing_server(env, s, variant, &format!("w4-{label}-{run}"), dir)?;
         std::thread::sleep(Duration::from_millis(300));
         let base = server.rss_mib();
         let started = Instant::now();
-        let clients = env.rt.block_on(connect_many(&server.addr, &token, n))?;
+        let clients = env.rt.block_on(connect_many(&lib, n))?;
         connect_rate.push(n as f64 / started.elapsed().as_secs_f64());
         std::thread::sleep(Duration::from_millis(1000));
         let idle = server.rss_mib();
@@ -2124,24 +2262,22 @@ fn workload_clients(env: &Env, s: &Settings, peers: &Peers, report: &mut Report)
     report.row(w, &v, "server RSS before", "MiB", rss_base);
     report.row(w, &v, "server RSS idle", "MiB", rss_idle);
     report.row(w, &v, "server RSS per idle client", "KiB", per_client);
-    report.row(w, &v, "connect+auth_token rate", "clients/s", connect_rate);
+    report.row(w, &v, "connect+login rate", "clients/s", connect_rate);
     report.row(w, &v, "ls p50, one at a time", "ms", seq_p50);
     report.row(w, &v, "ls p99, one at a time", "ms", seq_p99);
     report.row(w, &v, "ls p50, all at once", "ms", burst_p50);
     report.row(w, &v, "ls p99, all at once", "ms", burst_p99);
     report.row(w, &v, "server RSS after ls", "MiB", rss_after);
 
-    // Concurrent puts.
+    // Concurrent puts: one server for all runs (the peak is reset before each).
     let c = s.concurrent;
-    let src = env.work.join("src").join("concurrent.bin");
-    fs::create_dir_all(src.parent().expect("has a parent"))?;
-    write_random_file(&src, s.concurrent_size, 3)?;
+    let (server, lib) = listing_server(env, s, variant, &format!("w4-{label}-puts"), dir)?;
     let (mut aggregate, mut peak, mut cpu) = (vec![], vec![], vec![]);
-    let mut dufs_aggregate = vec![];
+    let (mut dufs_aggregate, mut dufs_peak) = (vec![], vec![]);
     let total = s.concurrent_size * c as u64;
     for run in 0..s.runs {
         eprintln!(
-            "workload 4: run {}/{}: {c} clients putting {} MiB each",
+            "workload 4 ({label}): run {}/{}: {c} clients putting {} MiB each",
             run + 1,
             s.runs,
             s.concurrent_size / MIB
@@ -2149,17 +2285,18 @@ fn workload_clients(env: &Env, s: &Settings, peers: &Peers, report: &mut Report)
         sync_disks();
         server.reset_peak();
         let cpu_before = server.cpu();
-        let secs = env
-            .rt
-            .block_on(concurrent_puts(&server.addr, &token, &src, c))?;
+        let secs = env.rt.block_on(concurrent_puts(&lib, src, c))?;
         aggregate.push(mb_per_s(total, secs));
         cpu.push(server.cpu() - cpu_before);
         peak.push(server.peak_rss_mib());
-        if let Some(dufs) = &peers.dufs {
+        if let Some(dufs) = dufs {
             sync_disks();
             let _ = fs::write(format!("/proc/{}/clear_refs", dufs.pid()), "5");
-            match env.rt.block_on(concurrent_http_puts(&dufs.addr, &src, c)) {
-                Ok(secs) => dufs_aggregate.push(mb_per_s(total, secs)),
+            match env.rt.block_on(concurrent_http_puts(&dufs.addr, src, c)) {
+                Ok(secs) => {
+                    dufs_aggregate.push(mb_per_s(total, secs));
+                    dufs_peak.push(proc_status_mib(dufs.pid(), "VmHWM:"));
+                }
                 Err(e) => report.fail("peer dufs concurrent put", &e),
             }
         }
@@ -2180,19 +2317,26 @@ fn workload_clients(env: &Env, s: &Settings, peers: &Peers, report: &mut Report)
             "MB/s",
             dufs_aggregate,
         );
+        report.row(
+            w,
+            &format!("dufs, {c} x {} MiB", s.concurrent_size / MIB),
+            "concurrent put server peak RSS",
+            "MiB",
+            dufs_peak,
+        );
     }
     Ok(())
 }
 
-async fn connect_many(addr: &str, token: &str, n: usize) -> Result<Vec<Client>> {
+async fn connect_many(lib: &Lib, n: usize) -> Result<Vec<Client>> {
     // At most 64 handshakes in flight, so the listen backlog never overflows.
     let gate = Arc::new(tokio::sync::Semaphore::new(64));
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..n {
-        let (addr, token, gate) = (addr.to_string(), token.to_string(), gate.clone());
+        let (lib, gate) = (lib.clone(), gate.clone());
         tasks.spawn(async move {
             let _permit = gate.acquire_owned().await?;
-            ServerProc::client(addr, token).await
+            lib.client().await
         });
     }
     let mut clients = Vec::with_capacity(n);
@@ -2239,8 +2383,8 @@ async fn ls_burst(clients: Vec<Client>) -> Result<(Vec<Client>, Vec<f64>)> {
 
 /// `c` clients (connected and logged in beforehand) put `src` at once, each under its
 /// own name. Returns the seconds from the start until the last one is done.
-async fn concurrent_puts(addr: &str, token: &str, src: &Path, c: usize) -> Result<f64> {
-    let clients = connect_many(addr, token, c).await?;
+async fn concurrent_puts(lib: &Lib, src: &Path, c: usize) -> Result<f64> {
+    let clients = connect_many(lib, c).await?;
     let barrier = Arc::new(tokio::sync::Barrier::new(c + 1));
     let mut tasks = Vec::with_capacity(c);
     for (i, mut client) in clients.into_iter().enumerate() {
@@ -2299,11 +2443,7 @@ fn workload_login(env: &Env, s: &Settings, report: &mut Report) -> Result<()> {
         let result = (|| -> Result<()> {
             let mut server = ServerProc::start(env, &format!("w5-{label}"), variant, 64)?;
             server.add_user(&env.rt, s.iterations)?;
-            let iterations = if variant.library_ok() {
-                s.iterations
-            } else {
-                netdisk::scram::DEFAULT_ITERATIONS
-            };
+            let iterations = s.iterations;
             let (mut wall, mut client_cpu) = (vec![], vec![]);
             // The server's CPU clock ticks in 10 ms: take the mean over all logins.
             let server_before = server.cpu();
@@ -2385,8 +2525,8 @@ fn run(opts: Opts) -> Result<bool> {
         report.note("TLS: not available in this build (measured plain TCP only)");
     } else {
         report.note(
-            "workloads 3 and 4 use the library client, which speaks plain TCP: they run \
-             against a --no-tls server",
+            "TLS: available; every workload runs with TLS (the default) and with --no-tls on \
+             both sides",
         );
     }
     let peers = if settings.peers {
@@ -2411,6 +2551,8 @@ fn run(opts: Opts) -> Result<bool> {
     }
     let peers_json = peers.json();
     drop(peers);
+    let mut facts = facts;
+    facts["load_at_end"] = json!(load_average());
     report.print(&facts);
     println!("total time {:.0} s", started.elapsed().as_secs_f64());
 

@@ -120,6 +120,9 @@ struct ServeArgs {
         requires = "tls_key"
     )]
     tls_cert: Option<PathBuf>,
+    /// Most bytes each user may store, e.g. 500MiB, 10GiB, 2TB (default: unlimited)
+    #[arg(long, env = "NETDISK_QUOTA", value_name = "SIZE", value_parser = parse_size)]
+    quota: Option<u64>,
     /// Private key (PEM) of --tls-cert
     #[arg(
         long,
@@ -294,6 +297,7 @@ async fn serve(args: ServeArgs, no_tls: bool, secret: Option<Vec<u8>>) -> anyhow
     config.partial_max_idle =
         std::time::Duration::from_secs_f64(args.partial_expiry_hours.max(0.0) * 3600.0);
     config.secret = secret;
+    config.quota = args.quota;
     config.tls = match (no_tls, args.tls_cert, args.tls_key) {
         (true, _, _) => TlsSetting::Off,
         (false, Some(cert), Some(key)) => TlsSetting::Files { cert, key },
@@ -375,6 +379,36 @@ fn decide_resume(local: &Path, resume: bool, restart: bool) -> anyhow::Result<bo
         local.display()
     ))?;
     Ok(!matches!(answer.trim().to_lowercase().as_str(), "n" | "no"))
+}
+
+/// `10GiB`, `500MB`, `4096`: binary (KiB, MiB, GiB, TiB, or K, M, G, T) and decimal
+/// (KB, MB, GB, TB) units, case-insensitive.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size like 10GiB"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} (use KiB, MiB, GiB, TiB)"
+            ))
+        }
+    };
+    Ok((number * scale as f64) as u64)
 }
 
 fn file_name_of(path: &Path) -> anyhow::Result<String> {
@@ -584,5 +618,20 @@ async fn shell(remote: &Remote) -> anyhow::Result<()> {
         if let Err(e) = result {
             eprintln!("error: {e:#}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_size("1.5k"), Ok(1536));
+        assert_eq!(parse_size("2TB"), Ok(2_000_000_000_000));
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("5XB").is_err());
     }
 }

@@ -47,6 +47,8 @@ pub struct ServerConfig {
     pub tls: TlsSetting,
     /// Shared secret of the optional connection check (`--secret-file`).
     pub secret: Option<Vec<u8>>,
+    /// Most bytes each user may store (`--quota`); `None` is unlimited.
+    pub quota: Option<u64>,
 }
 
 /// Where the server's TLS certificate comes from.
@@ -71,6 +73,7 @@ impl ServerConfig {
             partial_max_idle: Duration::from_secs(24 * 3600),
             tls: TlsSetting::SelfSigned,
             secret: None,
+            quota: None,
         }
     }
 }
@@ -626,8 +629,14 @@ impl Handler {
         let user = self.logged_in_user()?;
         self.upload = None; // a new put abandons (but keeps staged) any earlier one
         let storage = self.shared.storage.clone();
-        let upload =
-            blocking(move || storage.begin_upload(&user, &filename, size, restart)).await?;
+        let quota = self.shared.config.quota;
+        let upload = blocking(move || {
+            if let Some(quota) = quota {
+                check_quota(storage.as_ref(), &user, &filename, size, quota)?;
+            }
+            storage.begin_upload(&user, &filename, size, restart)
+        })
+        .await?;
         let reply = PutReply {
             offset: upload.offset(),
             missing: upload.missing(),
@@ -760,6 +769,35 @@ impl Handler {
             close: false,
         })
     }
+}
+
+/// Refuse an upload that would take the user's stored bytes (complete files, plus the
+/// announced sizes of other unfinished uploads) over `quota`. The file being replaced
+/// does not count.
+fn check_quota(storage: &dyn Storage, user: &str, name: &str, size: u64, quota: u64) -> Result<()> {
+    let stored: u64 = storage
+        .list(user)?
+        .iter()
+        .filter(|file| file.name != name)
+        .map(|file| file.size)
+        .sum();
+    let staged: u64 = storage
+        .list_partial(user)?
+        .iter()
+        .filter(|partial| partial.name != name)
+        .map(|partial| partial.size)
+        .sum();
+    let used = stored + staged;
+    if used.saturating_add(size) > quota {
+        return Err(Error::remote(
+            ErrorCode::NoSpace,
+            format!(
+                "quota exceeded: {name} needs {size} bytes, {} of your {quota}-byte quota are free",
+                quota.saturating_sub(used)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Where a download continues: the client's offset if its partial copy can be a prefix

@@ -198,3 +198,103 @@ async fn a_full_disk_gives_a_clear_error_and_nothing_half_written() {
         .collect();
     assert_eq!(names, ["small.txt"]);
 }
+
+#[tokio::test]
+async fn an_upload_over_quota_is_refused_up_front_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let server = TestServer::start_with(dir, root, |c| c.quota = Some(1_000_000)).await;
+    let mut client = server.user("quota").await;
+    let work = tempfile::tempdir().unwrap();
+    put_bytes(&mut client, work.path(), "a.bin", &random_bytes(600_000, 1)).await;
+    let big = write_file(work.path(), "b.bin", &random_bytes(500_000, 2));
+    let err = client
+        .put(&big, "b.bin", false, &mut NoProgress)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(netdisk::ErrorCode::NoSpace));
+    assert!(err.to_string().contains("quota"), "{err}");
+    assert!(
+        client.list_partial().await.unwrap().is_empty(),
+        "nothing staged"
+    );
+    assert_eq!(client.list().await.unwrap().len(), 1);
+    // Replacing a file counts only the new size.
+    put_bytes(&mut client, work.path(), "a.bin", &random_bytes(900_000, 3)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_many_uploads_keeps_every_acknowledged_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let mut server = ServerProcess::spawn(&root, &[]);
+    let addr = server.addr.clone();
+    let acknowledged = Arc::new(Mutex::new(Vec::new()));
+    let count = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for worker in 0..4u64 {
+        let (addr, acknowledged, count) = (addr.clone(), acknowledged.clone(), count.clone());
+        tasks.push(tokio::spawn(async move {
+            let work = tempfile::tempdir().unwrap();
+            let user = format!("up{worker}");
+            let mut client = Client::connect(&addr).await.unwrap();
+            client
+                .register(&user, PASSWORD, MIN_ITERATIONS)
+                .await
+                .unwrap();
+            client.login(&user, PASSWORD).await.unwrap();
+            for i in 0..1000u64 {
+                let name = format!("f{i}.bin");
+                let seed = worker * 10_000 + i;
+                let local = write_file(
+                    work.path(),
+                    &name,
+                    &random_bytes(100_000 + i as usize, seed),
+                );
+                match client.put(&local, &name, false, &mut NoProgress).await {
+                    Ok(_) => {
+                        acknowledged
+                            .lock()
+                            .unwrap()
+                            .push((user.clone(), name, seed, i));
+                        count.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    for _ in 0..10_000 {
+        if count.load(Ordering::SeqCst) >= 40 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    server.kill9();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(acknowledged.len() >= 40);
+    let restarted = ServerProcess::spawn(&root, &[]);
+    for (user, name, seed, i) in &acknowledged {
+        let stored = std::fs::read(root.join("files").join(user).join(name)).unwrap();
+        assert!(
+            stored == random_bytes(100_000 + *i as usize, *seed),
+            "{user}/{name}"
+        );
+    }
+    // No file under a real name is anything but a complete upload.
+    for user in 0..4 {
+        for entry in std::fs::read_dir(root.join(format!("files/up{user}"))).unwrap() {
+            let entry = entry.unwrap();
+            let i: usize = entry.file_name().to_string_lossy()[1..]
+                .trim_end_matches(".bin")
+                .parse()
+                .unwrap();
+            assert_eq!(entry.metadata().unwrap().len(), 100_000 + i as u64);
+        }
+    }
+    let mut client = Client::connect(&restarted.addr).await.unwrap();
+    client.login("up0", PASSWORD).await.unwrap();
+}

@@ -267,3 +267,87 @@ async fn connection_limit_refuses_politely() {
         "{err}"
     );
 }
+
+/// Thousands of random and truncated frames against the real binary (TLS off, so the bytes
+/// reach the frame decoder), then a well-behaved client; the server's open file
+/// descriptors return to where they were: nothing leaked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_bad_frames_leak_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let server = ServerProcess::spawn(&root, &[]);
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", server.child.id()))
+            .unwrap()
+            .count()
+    };
+    let mut client = netdisk::client::Client::connect(&server.addr)
+        .await
+        .unwrap();
+    client
+        .register("survivor", PASSWORD, netdisk::scram::MIN_ITERATIONS)
+        .await
+        .unwrap();
+    drop(client);
+    let baseline = fds();
+
+    let addr: std::net::SocketAddr = server.addr.parse().unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for seed in 0..2000u64 {
+        if tasks.len() >= 32 {
+            tasks.join_next().await;
+        }
+        tasks.spawn(async move {
+            let Ok(mut socket) = TcpStream::connect(addr).await else {
+                return;
+            };
+            let mut bytes = if seed % 3 == 0 { Vec::new() } else { hello() };
+            match seed % 4 {
+                0 => bytes.extend(random_bytes((seed % 200) as usize, seed)),
+                1 => {
+                    let frame = encode_header(
+                        &serde_json::json!({"cmd": "put", "filename": "x", "size": seed}),
+                    )
+                    .unwrap();
+                    bytes.extend_from_slice(&frame[..frame.len() - 1 - (seed as usize % 5)]);
+                }
+                2 => {
+                    bytes.extend_from_slice(&(seed as u32 * 7919).to_le_bytes());
+                    bytes.extend(random_bytes(20, seed));
+                }
+                _ => bytes.extend(
+                    encode_header(
+                        &serde_json::json!({"cmd": "get", "filename": "../../etc/passwd"}),
+                    )
+                    .unwrap(),
+                ),
+            }
+            let _ = socket.write_all(&bytes).await;
+            let _ = socket.shutdown().await;
+            let mut sink = Vec::new();
+            let _ =
+                tokio::time::timeout(Duration::from_secs(20), socket.read_to_end(&mut sink)).await;
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+
+    let mut client = netdisk::client::Client::connect(&server.addr)
+        .await
+        .unwrap();
+    client.login("survivor", PASSWORD).await.unwrap();
+    let work = tempfile::tempdir().unwrap();
+    put_bytes(&mut client, work.path(), "still.txt", b"serving").await;
+    assert_eq!(client.list().await.unwrap().len(), 1);
+    drop(client);
+    // Every bad connection was answered and closed by the server before its client
+    // finished reading, so only the last good client's socket may still be closing.
+    let mut now = fds();
+    for _ in 0..100 {
+        if now <= baseline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        now = fds();
+    }
+    assert!(now <= baseline, "{now} open descriptors, {baseline} before");
+}
