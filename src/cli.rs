@@ -94,6 +94,23 @@ enum Command {
         #[arg(long)]
         restart: bool,
     },
+    /// Upload several files over one connection, pipelined (like ftp's mput); each keeps
+    /// its local file name and replaces a remote file of that name
+    Mput {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Download several files over one connection, pipelined (like ftp's mget)
+    Mget {
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Folder to save them in
+        #[arg(long, short = 'C', default_value = ".")]
+        dir: PathBuf,
+        /// Replace local files that exist (otherwise they are skipped with an error)
+        #[arg(long)]
+        overwrite: bool,
+    },
     /// Interactive prompt: register, login, ls, put, get, help, quit
     Shell,
 }
@@ -280,6 +297,56 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ));
             Ok(())
         }
+        Command::Mput { files } => {
+            let mut pairs = Vec::new();
+            for path in files {
+                let name = file_name_of(&path)?;
+                pairs.push((path, name));
+            }
+            let total = pairs
+                .iter()
+                .filter_map(|(path, _)| std::fs::metadata(path).ok())
+                .map(|m| m.len())
+                .sum();
+            let mut client = remote.authenticated(cli.user.as_deref()).await?;
+            let mut bar = ui.progress();
+            bar.start(total, 0);
+            let results = client.put_many(&pairs, &mut bar).await?;
+            bar.finish();
+            let names = pairs.iter().map(|(_, name)| name.as_str());
+            report_many("uploaded", names, &results, ui)
+        }
+        Command::Mget {
+            names,
+            dir,
+            overwrite,
+        } => {
+            let mut wanted = Vec::new();
+            let mut skipped = 0;
+            for name in &names {
+                let local = dir.join(name);
+                if local.exists() && !overwrite {
+                    eprintln!(
+                        "netdisk: {name}: {} exists (use --overwrite)",
+                        local.display()
+                    );
+                    skipped += 1;
+                } else {
+                    wanted.push((name.clone(), local));
+                }
+            }
+            let mut client = remote.authenticated(cli.user.as_deref()).await?;
+            let mut bar = ui.progress();
+            bar.start(0, 0);
+            let results = client.get_many(&wanted, &mut bar).await?;
+            bar.finish();
+            let fetched = wanted.iter().map(|(name, _)| name.as_str());
+            report_many("downloaded", fetched, &results, ui)?;
+            if skipped > 0 {
+                bail!("{skipped} of {} files skipped", names.len());
+            }
+            Ok(())
+        }
         Command::Shell => shell(&remote).await,
     }
 }
@@ -409,6 +476,32 @@ fn parse_size(text: &str) -> Result<u64, String> {
         }
     };
     Ok((number * scale as f64) as u64)
+}
+
+/// One line per failed file, a summary, and an error if anything failed.
+fn report_many<'a>(
+    verb: &str,
+    names: impl Iterator<Item = &'a str>,
+    results: &[netdisk::Result<netdisk::client::TransferOutcome>],
+    ui: Ui,
+) -> anyhow::Result<()> {
+    let mut failed = 0;
+    let mut bytes = 0;
+    for (name, result) in names.zip(results) {
+        match result {
+            Ok(outcome) => bytes += outcome.size,
+            Err(e) => {
+                failed += 1;
+                eprintln!("netdisk: {name}: {e}");
+            }
+        }
+    }
+    let done = results.len() - failed;
+    ui.say(&format!("{verb} {done} files ({bytes} bytes, verified)"));
+    if failed > 0 {
+        bail!("{failed} of {} files failed", results.len());
+    }
+    Ok(())
 }
 
 fn file_name_of(path: &Path) -> anyhow::Result<String> {

@@ -1,8 +1,9 @@
 //! The client library: one connection to a server, one method per command.
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use tokio::net::TcpStream;
@@ -402,23 +403,48 @@ impl Client {
             .await?;
         self.conn.flush().await?;
         let reply: GetReply = self.conn.read_reply().await?;
-        let offset = reply.offset;
-        if offset > wanted || reply.filesize != reply.size.saturating_sub(offset) {
+        if reply.offset > wanted {
             return Err(Error::Protocol("inconsistent get reply".into()));
         }
         if let Some(reason) = &reply.restart_reason {
             progress.notice(&format!("{reason}; starting over"));
-        } else if offset > 0 {
+        } else if reply.offset > 0 {
             progress.notice(&format!(
-                "resuming the download of {remote} at byte {offset}"
+                "resuming the download of {remote} at byte {}",
+                reply.offset
             ));
         }
-        let mut file = OpenOptions::new()
+        self.receive_download(&reply, local, progress).await
+    }
+
+    /// Receive the body of a `get` reply into `local` (kept up to `reply.offset`) and
+    /// verify the whole file. If `local` cannot be written, the body is skipped so the
+    /// connection stays usable.
+    async fn receive_download(
+        &mut self,
+        reply: &GetReply,
+        local: &Path,
+        progress: &mut dyn Progress,
+    ) -> Result<TransferOutcome> {
+        let offset = reply.offset;
+        if reply.filesize != reply.size.saturating_sub(offset) {
+            return Err(Error::Protocol("inconsistent get reply".into()));
+        }
+        let opened = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(false)
-            .open(local)
-            .map_err(|e| Error::Invalid(format!("cannot write {}: {e}", local.display())))?;
+            .open(local);
+        let mut file = match opened {
+            Ok(file) => file,
+            Err(e) => {
+                self.conn.skip_body(reply.filesize).await?;
+                return Err(Error::Invalid(format!(
+                    "cannot write {}: {e}",
+                    local.display()
+                )));
+            }
+        };
         file.set_len(offset)?;
         file.seek(SeekFrom::Start(offset))?;
         let prefix = hash_prefix(open_local(local)?, offset);
@@ -449,10 +475,196 @@ impl Client {
         })
     }
 
+    /// Upload many files over this one connection, pipelined (like ftp's `mput`): the
+    /// requests of up to [`PIPELINE_WINDOW`] files are in flight before the first reply is
+    /// read, so small files cost no round trip each. Each `(local, remote)` replaces the
+    /// remote file (no resume). One result per file, in order.
+    pub async fn put_many(
+        &mut self,
+        files: &[(PathBuf, String)],
+        progress: &mut dyn Progress,
+    ) -> Result<Vec<Result<TransferOutcome>>> {
+        let mut results: Vec<Option<Result<TransferOutcome>>> = Vec::new();
+        let mut in_flight: VecDeque<(usize, u64, String)> = VecDeque::new();
+        for (local, remote) in files {
+            let index = results.len();
+            results.push(None);
+            let content = match check_file_name(remote).and_then(|_| read_small_file(local)) {
+                Ok(Some(content)) => content,
+                Ok(None) => {
+                    // Large: after the pipeline drains, on its own with resume.
+                    self.drain_puts(&mut in_flight, &mut results).await?;
+                    results[index] = Some(self.put(local, remote, true, progress).await);
+                    continue;
+                }
+                Err(e) => {
+                    results[index] = Some(Err(e));
+                    continue;
+                }
+            };
+            let mut hasher = ChunkHasher::new();
+            hasher.update(&content);
+            let chunks = hasher.finish_chunks();
+            let digest = file_digest(&chunks).to_hex().to_string();
+            let hashes = chunks.concat();
+            let size = content.len() as u64;
+            self.conn
+                .write_header(&Request::Put {
+                    filename: remote.clone(),
+                    size,
+                    restart: true,
+                })
+                .await?;
+            self.conn
+                .write_header(&Request::PutData {
+                    offset: 0,
+                    filesize: size,
+                })
+                .await?;
+            self.conn.write_body(&content).await?;
+            self.conn
+                .write_header(&Request::PutCommit {
+                    digest: digest.clone(),
+                    filesize: Some(hashes.len() as u64),
+                })
+                .await?;
+            self.conn.write_body(&hashes).await?;
+            in_flight.push_back((index, size, digest));
+            if in_flight.len() >= PIPELINE_WINDOW {
+                self.conn.flush().await?;
+                self.read_put_replies(&mut in_flight, &mut results, progress)
+                    .await?;
+            }
+        }
+        self.drain_puts(&mut in_flight, &mut results).await?;
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every file has a result"))
+            .collect())
+    }
+
+    async fn drain_puts(
+        &mut self,
+        in_flight: &mut VecDeque<(usize, u64, String)>,
+        results: &mut [Option<Result<TransferOutcome>>],
+    ) -> Result<()> {
+        self.conn.flush().await?;
+        while !in_flight.is_empty() {
+            self.read_put_replies(in_flight, results, &mut NoProgress)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Read the three replies (put, put_data, put_commit) of the oldest pipelined file.
+    /// A connection-level failure is returned; a refused file becomes its result.
+    async fn read_put_replies(
+        &mut self,
+        in_flight: &mut VecDeque<(usize, u64, String)>,
+        results: &mut [Option<Result<TransferOutcome>>],
+        progress: &mut dyn Progress,
+    ) -> Result<()> {
+        let Some((index, size, digest)) = in_flight.pop_front() else {
+            return Ok(());
+        };
+        let put = keep_remote(self.conn.read_reply::<PutReply>().await)?;
+        let data = keep_remote(self.conn.read_reply::<PutReply>().await)?;
+        let commit = keep_remote(self.conn.read_reply::<CommitReply>().await)?;
+        let result = put.and(data).and(commit).and_then(|commit| {
+            if commit.digest == digest && commit.size == size {
+                Ok(TransferOutcome {
+                    size,
+                    resumed_from: 0,
+                    digest,
+                })
+            } else {
+                Err(Error::ChecksumMismatch(format!(
+                    "the server stored {} bytes with checksum {}, expected {size} bytes with {digest}",
+                    commit.size, commit.digest
+                )))
+            }
+        });
+        progress.advance(size);
+        results[index] = Some(result);
+        Ok(())
+    }
+
+    /// Download many files over this one connection, pipelined (like ftp's `mget`); each
+    /// `(remote, local)` overwrites `local`. One result per file, in order.
+    pub async fn get_many(
+        &mut self,
+        files: &[(String, PathBuf)],
+        progress: &mut dyn Progress,
+    ) -> Result<Vec<Result<TransferOutcome>>> {
+        let mut results = Vec::with_capacity(files.len());
+        let mut sent = 0;
+        for (index, (_, local)) in files.iter().enumerate() {
+            // Keep up to PIPELINE_WINDOW requests ahead of the replies.
+            while sent < files.len() && sent < index + PIPELINE_WINDOW {
+                self.conn
+                    .write_header(&Request::Get {
+                        filename: files[sent].0.clone(),
+                        offset: 0,
+                        check_chunk: None,
+                    })
+                    .await?;
+                sent += 1;
+            }
+            self.conn.flush().await?;
+            let result = match keep_remote(self.conn.read_reply::<GetReply>().await)? {
+                Ok(reply) if reply.offset == 0 => {
+                    let outcome = self.receive_download(&reply, local, &mut NoProgress).await;
+                    // A local failure (cannot write, checksum) is this file's; a broken
+                    // connection ends everything.
+                    match outcome {
+                        Err(e @ (Error::Io(_) | Error::ConnectionClosed | Error::Protocol(_))) => {
+                            return Err(e)
+                        }
+                        other => other,
+                    }
+                }
+                Ok(_) => return Err(Error::Protocol("unasked resume in a get reply".into())),
+                Err(e) => Err(e),
+            };
+            if let Ok(outcome) = &result {
+                progress.advance(outcome.size);
+            }
+            results.push(result);
+        }
+        Ok(results)
+    }
+
     /// Say goodbye and close the connection.
     pub async fn quit(mut self) -> Result<()> {
         let _: Done = self.conn.call(&Request::Quit).await?;
         Ok(())
+    }
+}
+
+/// Requests of this many files are in flight at once in `put_many` / `get_many`.
+pub const PIPELINE_WINDOW: usize = 32;
+
+/// Files up to this size are read whole and pipelined by `put_many`.
+const SMALL_FILE: u64 = 1024 * 1024;
+
+/// The content of `path` if it is a small file, `None` if it is large.
+fn read_small_file(path: &Path) -> Result<Option<Vec<u8>>> {
+    let mut file = open_local(path)?;
+    if file.metadata()?.len() > SMALL_FILE {
+        return Ok(None);
+    }
+    let mut content = Vec::new();
+    file.read_to_end(&mut content)?;
+    Ok(Some(content))
+}
+
+/// Split a reply into a connection-level failure (outer) and the server's refusal of this
+/// one request (inner), which leaves the connection usable.
+fn keep_remote<T>(reply: Result<T>) -> Result<Result<T>> {
+    match reply {
+        Ok(value) => Ok(Ok(value)),
+        Err(e @ Error::Remote { .. }) => Ok(Err(e)),
+        Err(e) => Err(e),
     }
 }
 

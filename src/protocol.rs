@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 
 use crate::error::{Error, ErrorCode, Result};
 
@@ -198,7 +198,7 @@ pub struct Done {}
 
 /// A framed, buffered connection: read and write whole headers, and stream bodies.
 pub struct Connection {
-    stream: BufStream<Box<dyn Stream>>,
+    stream: BufReader<BufWriter<Box<dyn Stream>>>,
     /// Longest wait for the peer to send or accept a byte inside a frame or body.
     stall_timeout: Option<Duration>,
 }
@@ -207,9 +207,18 @@ impl Connection {
     pub fn new(stream: impl Stream + 'static) -> Connection {
         let boxed: Box<dyn Stream> = Box::new(stream);
         Connection {
-            stream: BufStream::with_capacity(IO_BUFFER_SIZE, IO_BUFFER_SIZE, boxed),
+            stream: BufReader::with_capacity(
+                IO_BUFFER_SIZE,
+                BufWriter::with_capacity(IO_BUFFER_SIZE, boxed),
+            ),
             stall_timeout: None,
         }
+    }
+
+    /// Whether the peer has already sent more (a pipelined request is waiting), so replies
+    /// can wait in the buffer and go out together.
+    pub fn has_buffered_input(&self) -> bool {
+        !self.stream.buffer().is_empty()
     }
 
     /// Give up on a peer that stops sending or receiving for `timeout` in the middle of a

@@ -30,6 +30,12 @@ use crate::tls::{self, ServerTls};
 use crate::transfer::{receive_body, send_body, BodySink, BodySource};
 use crate::users::{now_iso8601, UserRecord, UserTable, UserTableError};
 
+/// Uploads up to this size that start from 0 are made durable in batches: one
+/// file-system sync for many files before their acknowledgments leave (group commit).
+const GROUP_COMMIT_FILE_MAX: u64 = 1024 * 1024;
+/// Most acknowledgments held back for one group commit.
+const GROUP_COMMIT_MAX: usize = 64;
+
 /// Server settings; [`ServerConfig::new`] gives the defaults.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -296,6 +302,11 @@ struct Handler {
     /// A SCRAM exchange between `auth_start` and `auth_finish`: the claimed name,
     /// whether it exists, and the server state.
     login: Option<(String, bool, ServerFirst)>,
+    /// Commits made with deferred durability whose acknowledgments wait in the output
+    /// buffer for one [`Storage::sync`] (group commit).
+    unsynced_commits: usize,
+    /// Whether `upload` was started with deferred durability.
+    upload_deferred: bool,
 }
 
 impl Handler {
@@ -310,6 +321,8 @@ impl Handler {
             token: None,
             login: None,
             upload: None,
+            unsynced_commits: 0,
+            upload_deferred: false,
         }
     }
 
@@ -351,14 +364,15 @@ impl Handler {
                 Ok(outcome) => {
                     bytes += outcome.bytes;
                     info!(peer = %self.peer, user, cmd, bytes = outcome.bytes, ms, "ok");
-                    if self.conn.flush().await.is_err() || outcome.close {
+                    if self.send_replies(outcome.close).await.is_err() || outcome.close {
                         break;
                     }
                 }
                 Err(Error::Remote { code, message }) => {
                     info!(peer = %self.peer, user, cmd, ?code, %message, ms, "refused");
                     let sent = self.conn.write_error(code, &message).await;
-                    if sent.is_err() || self.conn.flush().await.is_err() {
+                    let closing = !self.greeted || code == ErrorCode::UnsupportedVersion;
+                    if sent.is_err() || self.send_replies(closing).await.is_err() {
                         break;
                     }
                     if !self.greeted || code == ErrorCode::UnsupportedVersion {
@@ -367,6 +381,9 @@ impl Handler {
                 }
                 Err(Error::ConnectionClosed) => {
                     info!(peer = %self.peer, user, cmd, ms, "connection lost mid-command");
+                    // The peer may only have stopped sending: it still gets the replies
+                    // to its earlier (pipelined) requests.
+                    let _ = self.send_replies(true).await;
                     break;
                 }
                 Err(e) => {
@@ -389,6 +406,28 @@ impl Handler {
             secs = started.elapsed().as_secs_f64(),
             "disconnected"
         );
+    }
+
+    /// Flush the replies, unless the client has already pipelined more requests: then
+    /// they go out with the next replies. Deferred commits are made durable first, so no
+    /// acknowledgment leaves before its file is on stable storage.
+    async fn send_replies(&mut self, closing: bool) -> Result<()> {
+        let batch_full = self.unsynced_commits >= GROUP_COMMIT_MAX;
+        if self.conn.has_buffered_input() && !closing && !batch_full {
+            return Ok(());
+        }
+        self.settle().await?;
+        self.conn.flush().await
+    }
+
+    /// Make deferred commits durable (one file-system sync for the batch).
+    async fn settle(&mut self) -> Result<()> {
+        if self.unsynced_commits > 0 {
+            let storage = self.shared.storage.clone();
+            blocking(move || storage.sync()).await?;
+            self.unsynced_commits = 0;
+        }
+        Ok(())
     }
 
     async fn apply(&mut self, request: Request) -> Result<Outcome> {
@@ -600,6 +639,7 @@ impl Handler {
 
     async fn list(&mut self, partial: bool) -> Result<Outcome> {
         let user = self.logged_in_user()?;
+        self.settle().await?;
         let storage = self.shared.storage.clone();
         let (count, body) = blocking(move || {
             let json = if partial {
@@ -634,9 +674,15 @@ impl Handler {
             if let Some(quota) = quota {
                 check_quota(storage.as_ref(), &user, &filename, size, quota)?;
             }
-            storage.begin_upload(&user, &filename, size, restart)
+            let mut upload = storage.begin_upload(&user, &filename, size, restart)?;
+            // Small fresh uploads join the group commit; large ones sync as they go.
+            if upload.offset() == 0 && size <= GROUP_COMMIT_FILE_MAX {
+                upload.defer_durability();
+            }
+            Ok(upload)
         })
         .await?;
+        self.upload_deferred = upload.offset() == 0 && size <= GROUP_COMMIT_FILE_MAX;
         let reply = PutReply {
             offset: upload.offset(),
             missing: upload.missing(),
@@ -723,6 +769,9 @@ impl Handler {
             None => None,
         };
         let reply = blocking(move || upload.commit(&digest, chunks.as_deref())).await?;
+        if self.upload_deferred {
+            self.unsynced_commits += 1;
+        }
         self.conn.write_ok(&reply).await?;
         Ok(Outcome::default())
     }
@@ -740,6 +789,8 @@ impl Handler {
                 format!("offset {offset} is not a multiple of the chunk size {CHUNK_SIZE}"),
             ));
         }
+        // A body larger than the output buffer would push waiting acknowledgments out.
+        self.settle().await?;
         let storage = self.shared.storage.clone();
         let file = blocking(move || storage.open_file(&user, &filename)).await?;
         let (offset, restart_reason) =

@@ -67,6 +67,9 @@ pub trait Storage: Send + Sync + 'static {
     ) -> Result<Box<dyn StagedUpload>>;
     /// Delete staged uploads idle for longer than `max_idle`; returns how many.
     fn expire_partials(&self, max_idle: Duration) -> Result<usize>;
+    /// Make every change so far durable (after uploads committed with deferred
+    /// durability, before acknowledging them): one flush for a whole batch.
+    fn sync(&self) -> Result<()>;
 }
 
 /// An upload being staged. Dropping it without `commit` keeps the received prefix, so the
@@ -74,6 +77,10 @@ pub trait Storage: Send + Sync + 'static {
 pub trait StagedUpload: Send {
     /// Where the staged data ends: where the sender must continue.
     fn offset(&self) -> u64;
+    /// Skip the per-upload fsyncs (and the durable record of chunk hashes, so a crash
+    /// makes the next attempt start over): the caller promises to call [`Storage::sync`]
+    /// before acknowledging the commit. For small files in a batch (group commit).
+    fn defer_durability(&mut self);
     /// The announced size of the whole file.
     fn size(&self) -> u64;
     /// Ranges `(offset, length)` before [`StagedUpload::offset`], whole chunks, that must be
@@ -296,6 +303,7 @@ impl Storage for LocalStorage {
             missing,
             repaired: Vec::new(),
             writing: Writing::Append,
+            deferred: false,
             paths,
             target,
             meta_path: self.meta_path(user, name)?,
@@ -331,6 +339,16 @@ impl Storage for LocalStorage {
             }
         }
         Ok(expired)
+    }
+
+    fn sync(&self) -> Result<()> {
+        let root = File::open(&self.root)?;
+        // syncfs: one flush of the file system for every file and rename of the batch.
+        // SAFETY: a valid open descriptor; syncfs only reads it.
+        if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&root)) } != 0 {
+            return Err(storage_error(io::Error::last_os_error()));
+        }
+        Ok(())
     }
 }
 
@@ -370,6 +388,8 @@ struct LocalUpload {
     /// Missing chunks sent again on this connection, with their new hashes.
     repaired: Vec<(u64, ChunkHash)>,
     writing: Writing,
+    /// Group commit: no fsyncs here; the server syncs the batch before acknowledging.
+    deferred: bool,
     paths: PartialPaths,
     target: PathBuf,
     meta_path: PathBuf,
@@ -411,7 +431,7 @@ impl LocalUpload {
         }
         // Record each finished chunk's hash once its bytes are durable, so a resume, even
         // after a power cut, never trusts a chunk whose bytes are not on disk.
-        if !done.is_empty() {
+        if !done.is_empty() && !self.deferred {
             self.data.sync_data().map_err(storage_error)?;
             for hash in &done {
                 self.hashes.write_all(hash).map_err(storage_error)?;
@@ -520,6 +540,10 @@ impl StagedUpload for LocalUpload {
         self.received
     }
 
+    fn defer_durability(&mut self) {
+        self.deferred = true;
+    }
+
     fn size(&self) -> u64 {
         self.size
     }
@@ -616,9 +640,11 @@ impl StagedUpload for LocalUpload {
         if !digest.eq_ignore_ascii_case(&actual) {
             return Err(upload.keep_matching(&chunks, digest, sent));
         }
-        upload.data.sync_all().map_err(storage_error)?;
+        if !upload.deferred {
+            upload.data.sync_all().map_err(storage_error)?;
+        }
         fs::rename(&upload.paths.data, &upload.target).map_err(storage_error)?;
-        if let Some(dir) = upload.target.parent() {
+        if let Some(dir) = upload.target.parent().filter(|_| !upload.deferred) {
             sync_dir(dir)?;
         }
         let meta = fs::metadata(&upload.target)?;

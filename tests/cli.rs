@@ -223,3 +223,68 @@ async fn shell_runs_commands_from_its_prompt() {
     assert!(text.contains("unknown command"));
     assert_eq!(std::fs::read(env.path("back.txt")).unwrap(), b"shell data");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mput_and_mget_move_many_files_over_one_connection() {
+    let env = Env::new().await;
+    assert!(env
+        .with_password("pw-m", &["register", "mia"])
+        .await
+        .status
+        .success());
+    assert!(env
+        .with_password("pw-m", &["login", "mia"])
+        .await
+        .status
+        .success());
+    let mut args = vec!["mput".to_string()];
+    for i in 0..150 {
+        write_file(
+            env.work.path(),
+            &format!("s{i}.txt"),
+            &random_bytes(4096 + i, i as u64),
+        );
+        args.push(format!("s{i}.txt"));
+    }
+    // One large file in the middle takes the streaming path.
+    write_file(env.work.path(), "large.bin", &random_bytes(3_000_000, 999));
+    args.insert(70, "large.bin".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    env.ok(&args).await;
+    for i in 0..150 {
+        let stored = std::fs::read(env.server.user_file("mia", &format!("s{i}.txt"))).unwrap();
+        assert!(stored == random_bytes(4096 + i, i as u64));
+    }
+    assert_eq!(
+        std::fs::metadata(env.server.user_file("mia", "large.bin"))
+            .unwrap()
+            .len(),
+        3_000_000
+    );
+
+    std::fs::create_dir(env.path("back")).unwrap();
+    let mut args = vec!["mget", "-C", "back", "large.bin", "missing.txt"];
+    let names: Vec<String> = (0..150).map(|i| format!("s{i}.txt")).collect();
+    args.extend(names.iter().map(String::as_str));
+    let out = run(env.cmd(&args)).await;
+    assert!(!out.status.success(), "missing.txt fails the command");
+    assert!(
+        stderr(&out).contains("missing.txt: no such file"),
+        "{}",
+        stderr(&out)
+    );
+    for i in 0..150 {
+        let back = std::fs::read(env.path(&format!("back/s{i}.txt"))).unwrap();
+        assert!(back == random_bytes(4096 + i, i as u64));
+    }
+    assert_eq!(
+        std::fs::metadata(env.path("back/large.bin")).unwrap().len(),
+        3_000_000
+    );
+    // Existing files are not overwritten without --overwrite.
+    let out = run(env.cmd(&["mget", "-C", "back", "s1.txt"])).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--overwrite"));
+    env.ok(&["mget", "-C", "back", "--overwrite", "s1.txt"])
+        .await;
+}
