@@ -288,3 +288,77 @@ async fn mput_and_mget_move_many_files_over_one_connection() {
     env.ok(&["mget", "-C", "back", "--overwrite", "s1.txt"])
         .await;
 }
+
+/// Runs the binary on a pseudo-terminal (Python's pty module), answers its first
+/// question with `answer`, and returns everything it printed.
+async fn on_terminal(env: &Env, args: &[&str], answer: &str) -> String {
+    let script = r#"
+import os, pty, sys, time
+answer = sys.argv[1].encode()
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+out = b""
+answered = False
+deadline = time.time() + 60
+while time.time() < deadline:
+    try:
+        chunk = os.read(fd, 4096)
+    except OSError:
+        break
+    if not chunk:
+        break
+    out += chunk
+    if not answered and b"[Y/n]" in out:
+        os.write(fd, answer + b"\r")
+        answered = True
+_, status = os.waitpid(pid, 0)
+sys.stdout.write(out.decode("utf-8", "replace"))
+sys.stdout.write("\nEXIT=%d\n" % os.waitstatus_to_exitcode(status))
+"#;
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args(["-c", script, answer, env!("CARGO_BIN_EXE_netdisk")])
+        .args(args)
+        .current_dir(env.work.path())
+        .env("NETDISK_SERVER", env.server.addr_string())
+        .env("XDG_CONFIG_HOME", env.config.path())
+        .env("HOME", env.config.path());
+    let out = run(cmd).await;
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_terminal_get_asks_resume_or_start_over() {
+    let env = Env::new().await;
+    assert!(env
+        .with_password("pw-t", &["register", "tia"])
+        .await
+        .status
+        .success());
+    assert!(env
+        .with_password("pw-t", &["login", "tia"])
+        .await
+        .status
+        .success());
+    let data = random_bytes(9_000_000, 21);
+    write_file(env.work.path(), "t.bin", &data);
+    env.ok(&["put", "t.bin"]).await;
+
+    // Enter resumes: only the rest is fetched.
+    write_file(env.work.path(), "part.bin", &data[..5_000_000]);
+    let shown = on_terminal(&env, &["get", "t.bin", "part.bin"], "").await;
+    assert!(shown.contains("Resume the download? [Y/n]"), "{shown}");
+    assert!(shown.contains("resuming the download"), "{shown}");
+    assert!(shown.contains("EXIT=0"), "{shown}");
+    assert!(std::fs::read(env.path("part.bin")).unwrap() == data);
+
+    // "n" starts over.
+    write_file(env.work.path(), "junk.bin", b"not a prefix at all");
+    let shown = on_terminal(&env, &["get", "t.bin", "junk.bin"], "n").await;
+    assert!(
+        shown.contains("[Y/n]") && !shown.contains("resuming"),
+        "{shown}"
+    );
+    assert!(shown.contains("EXIT=0"), "{shown}");
+    assert!(std::fs::read(env.path("junk.bin")).unwrap() == data);
+}
