@@ -319,16 +319,7 @@ impl Client {
         .await?;
         let mut chunks = join_prefix(prefix).await?;
         chunks.extend(source.hasher.finish_chunks());
-        let digest = file_digest(&chunks).to_hex().to_string();
-        // The chunk hashes go along, so that on a mismatch the server keeps what matches.
-        let hashes = chunks.concat();
-        self.conn
-            .write_header(&Request::PutCommit {
-                digest: digest.clone(),
-                filesize: Some(hashes.len() as u64),
-            })
-            .await?;
-        self.conn.write_body(&hashes).await?;
+        let digest = self.write_commit(&chunks).await?;
         self.conn.flush().await?;
         // One reply per request, in order: each put_data's, then put_commit's.
         let mut data_reply = Ok(());
@@ -340,17 +331,7 @@ impl Client {
         data_reply?;
         let commit = commit_reply?;
         progress.finish();
-        if commit.digest != digest || commit.size != size {
-            return Err(Error::ChecksumMismatch(format!(
-                "the server stored {} bytes with checksum {}, expected {size} bytes with {digest}",
-                commit.size, commit.digest
-            )));
-        }
-        Ok(TransferOutcome {
-            size,
-            resumed_from: size - to_send,
-            digest,
-        })
+        verify_commit(&commit, size, digest, size - to_send)
     }
 
     /// Download `remote` into `local`. With `resume`, an existing local file is taken as a
@@ -504,9 +485,6 @@ impl Client {
             };
             let mut hasher = ChunkHasher::new();
             hasher.update(&content);
-            let chunks = hasher.finish_chunks();
-            let digest = file_digest(&chunks).to_hex().to_string();
-            let hashes = chunks.concat();
             let size = content.len() as u64;
             self.conn
                 .write_header(&Request::Put {
@@ -522,13 +500,7 @@ impl Client {
                 })
                 .await?;
             self.conn.write_body(&content).await?;
-            self.conn
-                .write_header(&Request::PutCommit {
-                    digest: digest.clone(),
-                    filesize: Some(hashes.len() as u64),
-                })
-                .await?;
-            self.conn.write_body(&hashes).await?;
+            let digest = self.write_commit(&hasher.finish_chunks()).await?;
             in_flight.push_back((index, size, digest));
             if in_flight.len() >= PIPELINE_WINDOW {
                 self.conn.flush().await?;
@@ -570,20 +542,10 @@ impl Client {
         let put = keep_remote(self.conn.read_reply::<PutReply>().await)?;
         let data = keep_remote(self.conn.read_reply::<PutReply>().await)?;
         let commit = keep_remote(self.conn.read_reply::<CommitReply>().await)?;
-        let result = put.and(data).and(commit).and_then(|commit| {
-            if commit.digest == digest && commit.size == size {
-                Ok(TransferOutcome {
-                    size,
-                    resumed_from: 0,
-                    digest,
-                })
-            } else {
-                Err(Error::ChecksumMismatch(format!(
-                    "the server stored {} bytes with checksum {}, expected {size} bytes with {digest}",
-                    commit.size, commit.digest
-                )))
-            }
-        });
+        let result = put
+            .and(data)
+            .and(commit)
+            .and_then(|commit| verify_commit(&commit, size, digest, 0));
         progress.advance(size);
         results[index] = Some(result);
         Ok(())
@@ -634,11 +596,46 @@ impl Client {
         Ok(results)
     }
 
+    /// Queue a `put_commit` for a file with these chunk hashes; returns its digest. The
+    /// chunk hashes go along, so that on a mismatch the server keeps what matches.
+    async fn write_commit(&mut self, chunks: &[ChunkHash]) -> Result<String> {
+        let digest = file_digest(chunks).to_hex().to_string();
+        let hashes = chunks.concat();
+        self.conn
+            .write_header(&Request::PutCommit {
+                digest: digest.clone(),
+                filesize: Some(hashes.len() as u64),
+            })
+            .await?;
+        self.conn.write_body(&hashes).await?;
+        Ok(digest)
+    }
+
     /// Say goodbye and close the connection.
     pub async fn quit(mut self) -> Result<()> {
         let _: Done = self.conn.call(&Request::Quit).await?;
         Ok(())
     }
+}
+
+/// The end-to-end check of an upload: the server stored what was sent.
+fn verify_commit(
+    commit: &CommitReply,
+    size: u64,
+    digest: String,
+    resumed_from: u64,
+) -> Result<TransferOutcome> {
+    if commit.digest != digest || commit.size != size {
+        return Err(Error::ChecksumMismatch(format!(
+            "the server stored {} bytes with checksum {}, expected {size} bytes with {digest}",
+            commit.size, commit.digest
+        )));
+    }
+    Ok(TransferOutcome {
+        size,
+        resumed_from,
+        digest,
+    })
 }
 
 /// Requests of this many files are in flight at once in `put_many` / `get_many`.

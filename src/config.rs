@@ -4,12 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::durable::write_atomically;
 use crate::error::{Error, Result};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,18 +54,8 @@ fn write_all(logins: &BTreeMap<String, SavedLogin>) -> Result<()> {
         .recursive(true)
         .mode(0o700)
         .create(&dir)?;
-    let path = logins_path()?;
-    let tmp = path.with_extension("json.tmp");
     let bytes = serde_json::to_vec_pretty(logins).map_err(|e| Error::Invalid(e.to_string()))?;
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(&bytes)?;
-    file.sync_all()?;
-    fs::rename(&tmp, &path)?;
+    write_atomically(&logins_path()?, &bytes, 0o600)?;
     Ok(())
 }
 

@@ -7,6 +7,7 @@
 //! - [`error`]: the library's error type and the stable codes sent on the wire.
 //! - [`names`]: which user and file names are allowed.
 //! - [`digest`]: the chunked BLAKE3 checksum computed while data streams.
+//! - [`durable`]: crash-safe small-file writes (temp file, fsync, rename).
 //! - [`scram`]: SCRAM-SHA-256 login, so no password ever crosses the wire.
 //! - [`users`]: the user table, persisted atomically in `users.xlsx`.
 //! - [`sessions`]: server-side session tokens that survive restarts.
@@ -23,6 +24,7 @@ pub mod client;
 pub mod config;
 pub mod conncheck;
 pub mod digest;
+pub mod durable;
 pub mod error;
 pub mod names;
 pub mod protocol;

@@ -6,8 +6,6 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -15,8 +13,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::durable::write_atomically;
 use crate::error::{Error, ErrorCode, Result};
-use crate::storage::sync_dir;
 
 /// How long a login lasts.
 pub const SESSION_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -95,22 +93,10 @@ impl SessionStore {
         Ok(())
     }
 
-    /// Write the table to a temp file, fsync, rename: a crash leaves old or new, never half.
+    /// Persist the table; a crash leaves the old or the new one, never half.
     fn persist(&self, sessions: &HashMap<String, Session>) -> Result<()> {
         let bytes = serde_json::to_vec(sessions).map_err(|e| Error::Invalid(e.to_string()))?;
-        let tmp = self.path.with_extension("json.tmp");
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(&bytes)?;
-        file.sync_all()?;
-        fs::rename(&tmp, &self.path)?;
-        if let Some(dir) = self.path.parent() {
-            sync_dir(dir)?;
-        }
+        write_atomically(&self.path, &bytes, 0o600)?;
         Ok(())
     }
 }

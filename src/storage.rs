@@ -27,6 +27,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::digest::{file_digest, hash_reader, ChunkHash, ChunkHasher, CHUNK_SIZE};
+use crate::durable::sync_dir;
 use crate::error::{Error, ErrorCode, Result};
 use crate::names::check_file_name;
 use crate::protocol::{CommitReply, FileEntry, PartialEntry};
@@ -855,11 +856,6 @@ fn open_no_follow(path: &Path) -> io::Result<File> {
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
-}
-
-/// fsync a folder, so a rename or create in it is durable.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 /// A disk-full or quota error becomes [`ErrorCode::NoSpace`]; others stay IO errors.

@@ -9,7 +9,7 @@
 //! fsync of the folder), so a crash leaves either the old or the new table.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +22,7 @@ use rust_xlsxwriter::Workbook;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use crate::durable::sync_dir;
 use crate::names::check_user_name;
 use crate::scram::{Verifier, MIN_ITERATIONS};
 
@@ -379,14 +380,6 @@ fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut file = options.open(path)?;
     file.write_all(bytes)?;
     file.sync_all()
-}
-
-/// Makes the rename itself durable (POSIX); other platforms cannot open folders.
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    if cfg!(unix) {
-        File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
