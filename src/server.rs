@@ -24,7 +24,7 @@ use crate::protocol::{
 };
 use crate::scram::{self, ServerFirst, Verifier};
 use crate::sessions::SessionStore;
-use crate::storage::{iso8601, FileReader, LocalStorage, StagedUpload, Storage};
+use crate::storage::{iso8601, Durability, FileReader, LocalStorage, StagedUpload, Storage};
 use crate::throttle::LoginThrottle;
 use crate::tls::{self, ServerTls};
 use crate::transfer::{receive_body, send_body, BodySink, BodySource};
@@ -670,19 +670,20 @@ impl Handler {
         self.upload = None; // a new put abandons (but keeps staged) any earlier one
         let storage = self.shared.storage.clone();
         let quota = self.shared.config.quota;
+        // Small files join the group commit; large ones sync as they go and can resume.
+        let durability = if size <= GROUP_COMMIT_FILE_MAX {
+            Durability::Batched
+        } else {
+            Durability::EachUpload
+        };
         let upload = blocking(move || {
             if let Some(quota) = quota {
                 check_quota(storage.as_ref(), &user, &filename, size, quota)?;
             }
-            let mut upload = storage.begin_upload(&user, &filename, size, restart)?;
-            // Small fresh uploads join the group commit; large ones sync as they go.
-            if upload.offset() == 0 && size <= GROUP_COMMIT_FILE_MAX {
-                upload.defer_durability();
-            }
-            Ok(upload)
+            storage.begin_upload(&user, &filename, size, restart, durability)
         })
         .await?;
-        self.upload_deferred = upload.offset() == 0 && size <= GROUP_COMMIT_FILE_MAX;
+        self.upload_deferred = durability == Durability::Batched;
         let reply = PutReply {
             offset: upload.offset(),
             missing: upload.missing(),

@@ -65,6 +65,7 @@ pub trait Storage: Send + Sync + 'static {
         name: &str,
         size: u64,
         restart: bool,
+        durability: Durability,
     ) -> Result<Box<dyn StagedUpload>>;
     /// Delete staged uploads idle for longer than `max_idle`; returns how many.
     fn expire_partials(&self, max_idle: Duration) -> Result<usize>;
@@ -78,10 +79,6 @@ pub trait Storage: Send + Sync + 'static {
 pub trait StagedUpload: Send {
     /// Where the staged data ends: where the sender must continue.
     fn offset(&self) -> u64;
-    /// Skip the per-upload fsyncs (and the durable record of chunk hashes, so a crash
-    /// makes the next attempt start over): the caller promises to call [`Storage::sync`]
-    /// before acknowledging the commit. For small files in a batch (group commit).
-    fn defer_durability(&mut self);
     /// The announced size of the whole file.
     fn size(&self) -> u64;
     /// Ranges `(offset, length)` before [`StagedUpload::offset`], whole chunks, that must be
@@ -109,6 +106,17 @@ pub const MAX_MISSING_RANGES: usize = 256;
 /// The `.hashes` entry of a chunk that must be sent again.
 const MISSING_CHUNK: ChunkHash = [0; 32];
 
+/// How an upload is made durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// The upload syncs as it goes and at its commit; an interrupted upload resumes.
+    EachUpload,
+    /// For small files in a batch (group commit): no fsyncs and no record of what was
+    /// received (a crash means starting over; the upload always starts at 0). The caller
+    /// calls [`Storage::sync`] before acknowledging the commit.
+    Batched,
+}
+
 /// Files on a local disk under one root folder.
 pub struct LocalStorage {
     root: PathBuf,
@@ -127,6 +135,7 @@ impl LocalStorage {
         for dir in ["files", "partial", "meta"] {
             fs::create_dir_all(root.join(dir))?;
         }
+        remove_orphan_data(&root.join("partial"))?;
         Ok(LocalStorage {
             root: root.to_path_buf(),
             uploading: Arc::default(),
@@ -255,11 +264,13 @@ impl Storage for LocalStorage {
         name: &str,
         size: u64,
         restart: bool,
+        durability: Durability,
     ) -> Result<Box<dyn StagedUpload>> {
         let target = self.file_path(user, name)?;
         let lock = UploadLock::take(&self.uploading, user, name)?;
         let paths = self.partial_paths(user, name)?;
-        let prefix = if restart {
+        let deferred = durability == Durability::Batched;
+        let prefix = if restart || deferred {
             None
         } else {
             staged_prefix(&paths, name, size)
@@ -271,7 +282,13 @@ impl Storage for LocalStorage {
                 data.set_len(offset)?;
                 let hashes = OpenOptions::new().write(true).open(&paths.hashes)?;
                 hashes.set_len(chunks.len() as u64 * 32)?;
-                (data, hashes, chunks)
+                (data, Some(hashes), chunks)
+            }
+            None if deferred => {
+                // Only the data file: creating files is most of a small upload's cost.
+                paths.remove();
+                let data = File::create(&paths.data).map_err(storage_error)?;
+                (data, None, Vec::new())
             }
             None => {
                 paths.remove();
@@ -283,7 +300,7 @@ impl Storage for LocalStorage {
                 fs::write(&paths.info, info).map_err(storage_error)?;
                 let data = File::create(&paths.data).map_err(storage_error)?;
                 let hashes = File::create(&paths.hashes).map_err(storage_error)?;
-                (data, hashes, Vec::new())
+                (data, Some(hashes), Vec::new())
             }
         };
         let offset = (chunks.len() as u64 * CHUNK_SIZE).min(size);
@@ -293,7 +310,9 @@ impl Storage for LocalStorage {
         let mut data = data;
         data.seek(SeekFrom::Start(offset))?;
         let mut hashes = hashes;
-        hashes.seek(SeekFrom::End(0))?;
+        if let Some(hashes) = hashes.as_mut() {
+            hashes.seek(SeekFrom::End(0))?;
+        }
         Ok(Box::new(LocalUpload {
             name: name.to_string(),
             size,
@@ -304,7 +323,7 @@ impl Storage for LocalStorage {
             missing,
             repaired: Vec::new(),
             writing: Writing::Append,
-            deferred: false,
+            deferred,
             paths,
             target,
             meta_path: self.meta_path(user, name)?,
@@ -354,7 +373,8 @@ impl Storage for LocalStorage {
 }
 
 impl LocalStorage {
-    /// Chunk hashes of an open file: from the cache when it describes this exact file
+    /// Chunk hashes of an open file: for a one-chunk file computed now (as cheap as reading
+    /// a cache); otherwise from the cache when it describes this exact file
     /// (size, mtime, inode), else computed now and cached.
     fn cached_chunks(
         &self,
@@ -363,6 +383,10 @@ impl LocalStorage {
         meta: &fs::Metadata,
         file: &mut File,
     ) -> Result<Vec<ChunkHash>> {
+        if meta.len() <= CHUNK_SIZE {
+            file.seek(SeekFrom::Start(0))?;
+            return Ok(hash_reader(&mut *file)?);
+        }
         let meta_path = self.meta_path(user, name)?;
         let stamp = FileStamp::of(meta);
         if let Some(chunks) = read_meta(&meta_path, &stamp) {
@@ -381,7 +405,8 @@ struct LocalUpload {
     /// Where the staged data ends; appends go here.
     received: u64,
     data: File,
-    hashes: File,
+    /// The `.hashes` record (none for [`Durability::Batched`] uploads).
+    hashes: Option<File>,
     /// Hashes of the staged chunks ([`MISSING_CHUNK`] for missing ones), continued by appends.
     hasher: ChunkHasher,
     /// Chunks (indices) to be sent again; their `.hashes` entries are zeros.
@@ -432,10 +457,10 @@ impl LocalUpload {
         }
         // Record each finished chunk's hash once its bytes are durable, so a resume, even
         // after a power cut, never trusts a chunk whose bytes are not on disk.
-        if !done.is_empty() && !self.deferred {
+        if let Some(hashes) = self.hashes.as_mut().filter(|_| !done.is_empty()) {
             self.data.sync_data().map_err(storage_error)?;
             for hash in &done {
-                self.hashes.write_all(hash).map_err(storage_error)?;
+                hashes.write_all(hash).map_err(storage_error)?;
             }
         }
         Ok(())
@@ -467,10 +492,11 @@ impl LocalUpload {
         if *at == self.size && !bytes.is_empty() && !self.size.is_multiple_of(CHUNK_SIZE) {
             done.extend(hasher.clone().finish_chunks().last());
         }
-        if !done.is_empty() {
+        // Repairs happen only to resumable uploads, which keep a `.hashes` record.
+        if let Some(hashes) = self.hashes.as_ref().filter(|_| !done.is_empty()) {
             self.data.sync_data().map_err(storage_error)?;
             for (index, hash) in (*first + before as u64..).zip(done) {
-                self.hashes
+                hashes
                     .write_all_at(&hash, index * 32)
                     .map_err(storage_error)?;
                 self.missing.remove(&index);
@@ -528,21 +554,31 @@ impl LocalUpload {
     /// Zero the `.hashes` entries of the chunks in `runs` (durably, before any of their
     /// bytes can be overwritten).
     fn mark_missing(&self, runs: &[(u64, u64)]) -> io::Result<()> {
+        let Some(hashes) = &self.hashes else {
+            return Err(io::Error::other(
+                "a batched upload keeps no record to repair",
+            ));
+        };
         for &(first, count) in runs {
             let zeros = vec![0u8; count as usize * 32];
-            self.hashes.write_all_at(&zeros, first * 32)?;
+            hashes.write_all_at(&zeros, first * 32)?;
         }
-        self.hashes.sync_data()
+        hashes.sync_data()
+    }
+}
+
+impl Drop for LocalUpload {
+    /// A batched upload that was not committed leaves nothing behind (it cannot resume).
+    fn drop(&mut self) {
+        if self.deferred {
+            let _ = fs::remove_file(&self.paths.data);
+        }
     }
 }
 
 impl StagedUpload for LocalUpload {
     fn offset(&self) -> u64 {
         self.received
-    }
-
-    fn defer_durability(&mut self) {
-        self.deferred = true;
     }
 
     fn size(&self) -> u64 {
@@ -648,9 +684,12 @@ impl StagedUpload for LocalUpload {
         if let Some(dir) = upload.target.parent().filter(|_| !upload.deferred) {
             sync_dir(dir)?;
         }
-        let meta = fs::metadata(&upload.target)?;
-        // The cache is only an optimisation; a failure here costs a re-hash later.
-        let _ = write_meta(&upload.meta_path, &FileStamp::of(&meta), &chunks);
+        // The cache is only an optimisation (a failure costs a re-hash later), and only
+        // worth a file for files of several chunks.
+        if chunks.len() > 1 {
+            let meta = fs::metadata(&upload.target)?;
+            let _ = write_meta(&upload.meta_path, &FileStamp::of(&meta), &chunks);
+        }
         upload.paths.remove();
         Ok(CommitReply {
             size: upload.size,
@@ -755,6 +794,22 @@ impl PartialPaths {
             let _ = fs::remove_file(path);
         }
     }
+}
+
+/// Delete the data of batched uploads a crash interrupted (a `.data` file without its
+/// `.json`): they cannot resume. Run at start, when no upload is in progress.
+fn remove_orphan_data(partial: &Path) -> Result<()> {
+    for user_dir in fs::read_dir(partial)? {
+        for entry in fs::read_dir(user_dir?.path())? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "data")
+                && !path.with_extension("json").exists()
+            {
+                fs::remove_file(&path)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The chunk hashes of a staged upload that can be continued: same name and size, and

@@ -123,11 +123,11 @@ async fn body_shorter_than_announced_leaves_no_file() {
     let mut bytes = hello();
     bytes.extend(encode_header(&serde_json::json!({"cmd": "auth_token", "token": token})).unwrap());
     bytes.extend(
-        encode_header(&serde_json::json!({"cmd": "put", "filename": "cut.bin", "size": 1000}))
+        encode_header(&serde_json::json!({"cmd": "put", "filename": "cut.bin", "size": 2_000_000}))
             .unwrap(),
     );
     bytes.extend(
-        encode_header(&serde_json::json!({"cmd": "put_data", "offset": 0, "filesize": 1000}))
+        encode_header(&serde_json::json!({"cmd": "put_data", "offset": 0, "filesize": 2_000_000}))
             .unwrap(),
     );
     bytes.extend_from_slice(&[7u8; 400]);
@@ -142,7 +142,7 @@ async fn body_shorter_than_announced_leaves_no_file() {
     client.login("keeper", PASSWORD).await.unwrap();
     let partial = client.list_partial().await.unwrap();
     assert_eq!(partial.len(), 1);
-    assert_eq!((partial[0].received, partial[0].size), (400, 1000));
+    assert_eq!((partial[0].received, partial[0].size), (400, 2_000_000));
     still_serves(&server).await;
 }
 
