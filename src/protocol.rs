@@ -15,8 +15,12 @@ use crate::error::{Error, ErrorCode, Result};
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest JSON header accepted. A larger announced length is refused before allocating.
 pub const MAX_HEADER_LEN: usize = 64 * 1024;
-/// Socket buffer size: large enough that a file body moves in few system calls.
+/// Size of the blocks file bodies move in: large enough for few system calls.
 pub const IO_BUFFER_SIZE: usize = 256 * 1024;
+/// Buffer of a connection for headers and small replies. Body blocks of
+/// [`IO_BUFFER_SIZE`] bypass it, so it stays small: memory per connection matters with
+/// thousands of clients.
+const CONNECTION_BUFFER_SIZE: usize = 64 * 1024;
 
 /// A byte stream the protocol can run over (plain TCP today, TLS later).
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -208,8 +212,8 @@ impl Connection {
         let boxed: Box<dyn Stream> = Box::new(stream);
         Connection {
             stream: BufReader::with_capacity(
-                IO_BUFFER_SIZE,
-                BufWriter::with_capacity(IO_BUFFER_SIZE, boxed),
+                CONNECTION_BUFFER_SIZE,
+                BufWriter::with_capacity(CONNECTION_BUFFER_SIZE, boxed),
             ),
             stall_timeout: None,
         }

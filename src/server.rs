@@ -20,7 +20,7 @@ use crate::error::{Error, ErrorCode, Result};
 use crate::names::check_user_name;
 use crate::protocol::{
     parse_request, AuthReply, Connection, Done, GetReply, HelloReply, ListReply, PutReply, Request,
-    UserReply, PROTOCOL_VERSION,
+    UserReply, IO_BUFFER_SIZE, PROTOCOL_VERSION,
 };
 use crate::scram::{self, ServerFirst, Verifier};
 use crate::sessions::SessionStore;
@@ -793,18 +793,26 @@ impl Handler {
         // A body larger than the output buffer would push waiting acknowledgments out.
         self.settle().await?;
         let storage = self.shared.storage.clone();
-        let file = blocking(move || storage.open_file(&user, &filename)).await?;
-        let (offset, restart_reason) =
-            resume_offset(offset, check_chunk.as_deref(), &file.chunks, file.size);
-        let mut reader = file.reader;
-        let reader = blocking(move || {
+        // One blocking task opens, positions and (for a small file) reads the body, so a
+        // small file costs one hop to the blocking pool.
+        let (reply, body) = blocking(move || {
+            let file = storage.open_file(&user, &filename)?;
+            let (offset, restart_reason) =
+                resume_offset(offset, check_chunk.as_deref(), &file.chunks, file.size);
+            let mut reader = file.reader;
             reader.seek(SeekFrom::Start(offset))?;
-            Ok(reader)
-        })
-        .await?;
-        let filesize = file.size - offset;
-        self.conn
-            .write_ok(&GetReply {
+            let filesize = file.size - offset;
+            let body = if filesize <= IO_BUFFER_SIZE as u64 {
+                let mut bytes = Vec::with_capacity(filesize as usize);
+                reader.take(filesize).read_to_end(&mut bytes)?;
+                if bytes.len() as u64 != filesize {
+                    return Err(Error::Invalid("the file shrank while it was read".into()));
+                }
+                Body::Small(bytes)
+            } else {
+                Body::Streamed(reader)
+            };
+            let reply = GetReply {
                 size: file.size,
                 digest: crate::digest::file_digest(&file.chunks)
                     .to_hex()
@@ -813,11 +821,25 @@ impl Handler {
                 offset,
                 filesize,
                 restart_reason,
-            })
-            .await?;
-        send_body(&mut self.conn, filesize, FileSource(reader), &mut |_| {}).await?;
+            };
+            Ok((reply, body))
+        })
+        .await?;
+        self.conn.write_ok(&reply).await?;
+        match body {
+            Body::Small(bytes) => self.conn.write_body(&bytes).await?,
+            Body::Streamed(reader) => {
+                send_body(
+                    &mut self.conn,
+                    reply.filesize,
+                    FileSource(reader),
+                    &mut |_| {},
+                )
+                .await?;
+            }
+        }
         Ok(Outcome {
-            bytes: filesize,
+            bytes: reply.filesize,
             close: false,
         })
     }
@@ -890,6 +912,12 @@ impl BodySink for UploadSink {
     fn write(&mut self, bytes: &[u8]) -> Result<()> {
         self.upload.write(bytes)
     }
+}
+
+/// A download's body: read already (small files), or streamed from the file.
+enum Body {
+    Small(Vec<u8>),
+    Streamed(Box<dyn FileReader>),
 }
 
 struct FileSource(Box<dyn FileReader>);
