@@ -705,23 +705,11 @@ impl Handler {
             return Err(refusal);
         }
         let upload = self.upload.take().expect("checked above");
-        let (gone_tx, gone) = tokio::sync::oneshot::channel();
-        let sink = UploadSink {
-            upload,
-            _gone: gone_tx,
-        };
-        let sink = match receive_body(&mut self.conn, filesize, sink, &mut |_| {}).await {
-            Ok(sink) => sink,
-            Err(e) => {
-                // A lost connection can leave the sink finishing its last writes on the
-                // worker thread: wait until it is dropped, so the upload's name is free
-                // and its files settled before this connection ends.
-                let _ = gone.await;
-                return Err(e);
-            }
-        };
-        let received = sink.upload.offset();
-        self.upload = Some(sink.upload);
+        // On a lost connection, receive_body returns only once the upload is dropped, so
+        // its name is free and its staged files settled before this connection ends.
+        let sink = receive_body(&mut self.conn, filesize, UploadSink(upload), &mut |_| {}).await?;
+        let received = sink.0.offset();
+        self.upload = Some(sink.0);
         self.conn
             .write_ok(&PutReply {
                 offset: received,
@@ -903,14 +891,11 @@ fn resume_offset(
 
 /// A staged upload receiving a body; the sender half signals (by being dropped) that the
 /// upload is no longer in use.
-struct UploadSink {
-    upload: Box<dyn StagedUpload>,
-    _gone: tokio::sync::oneshot::Sender<()>,
-}
+struct UploadSink(Box<dyn StagedUpload>);
 
 impl BodySink for UploadSink {
     fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        self.upload.write(bytes)
+        self.0.write(bytes)
     }
 }
 

@@ -111,9 +111,10 @@ const MISSING_CHUNK: ChunkHash = [0; 32];
 pub enum Durability {
     /// The upload syncs as it goes and at its commit; an interrupted upload resumes.
     EachUpload,
-    /// For small files in a batch (group commit): no fsyncs and no record of what was
-    /// received (a crash means starting over; the upload always starts at 0). The caller
-    /// calls [`Storage::sync`] before acknowledging the commit.
+    /// For small files in a batch (group commit): no record of what was received (a
+    /// crash means starting over; the upload always starts at 0), and only the data's
+    /// fsync at the commit; the caller calls [`Storage::sync`] (which makes the renames
+    /// durable) before acknowledging the commit.
     Batched,
 }
 
@@ -677,9 +678,10 @@ impl StagedUpload for LocalUpload {
         if !digest.eq_ignore_ascii_case(&actual) {
             return Err(upload.keep_matching(&chunks, digest, sent));
         }
-        if !upload.deferred {
-            upload.data.sync_all().map_err(storage_error)?;
-        }
+        // The bytes are durable before the file takes its name, even in a batch: a power
+        // cut must never leave a short file under a real name. Only the folder's fsync
+        // (the rename itself) is left to the batch's `Storage::sync`.
+        upload.data.sync_data().map_err(storage_error)?;
         fs::rename(&upload.paths.data, &upload.target).map_err(storage_error)?;
         if let Some(dir) = upload.target.parent().filter(|_| !upload.deferred) {
             sync_dir(dir)?;

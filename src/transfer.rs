@@ -53,7 +53,16 @@ pub async fn receive_body<S: BodySink>(
             break;
         };
         let want = buf.len().min(remaining as usize);
-        let n = conn.read_body_some(&mut buf[..want]).await?;
+        let n = match conn.read_body_some(&mut buf[..want]).await {
+            Ok(n) => n,
+            Err(e) => {
+                // Connection lost: let the worker write what already arrived and drop the
+                // sink (freeing what it holds) before the caller learns of the loss.
+                drop(full_tx);
+                let _ = join(worker).await;
+                return Err(e);
+            }
+        };
         remaining -= n as u64;
         progress(n as u64);
         // Never blocks: the channel holds as many entries as there are buffers.

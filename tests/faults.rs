@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use calamine::{open_workbook, Reader, Xlsx};
@@ -16,6 +15,22 @@ fn users_in_table(root: &std::path::Path) -> Vec<String> {
     let mut book: Xlsx<_> = open_workbook(root.join("users.xlsx")).unwrap();
     let range = book.worksheet_range("users").unwrap();
     range.rows().skip(1).map(|row| row[0].to_string()).collect()
+}
+
+/// SIGKILL the server once `at_least` writes were acknowledged, with more in flight
+/// (bounded wait: the writers run on the runtime's other thread).
+fn kill_after_acknowledged<T>(
+    server: &mut ServerProcess,
+    acknowledged: &Mutex<Vec<T>>,
+    at_least: usize,
+) {
+    for _ in 0..10_000 {
+        if acknowledged.lock().unwrap().len() >= at_least {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    server.kill9();
 }
 
 /// Kills the server once `after` bytes of an upload have been sent.
@@ -84,10 +99,9 @@ async fn kill_9_during_registrations_keeps_every_acknowledged_user() {
     let server = ServerProcess::spawn(&root, &[]);
     let addr = server.addr.clone();
     let acknowledged = Arc::new(Mutex::new(Vec::new()));
-    let count = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for worker in 0..4 {
-        let (addr, acknowledged, count) = (addr.clone(), acknowledged.clone(), count.clone());
+        let (addr, acknowledged) = (addr.clone(), acknowledged.clone());
         tasks.push(tokio::spawn(async move {
             let Ok(mut client) = Client::connect(&addr).await else {
                 return;
@@ -97,23 +111,14 @@ async fn kill_9_during_registrations_keeps_every_acknowledged_user() {
                 match client.register(&name, PASSWORD, MIN_ITERATIONS).await {
                     Ok(()) => {
                         acknowledged.lock().unwrap().push(name);
-                        count.fetch_add(1, Ordering::SeqCst);
                     }
                     Err(_) => return,
                 }
             }
         }));
     }
-    // Kill once a good number of writes have been acknowledged, with more in flight.
     let mut server = server;
-    for _ in 0..10_000 {
-        if count.load(Ordering::SeqCst) >= 40 {
-            break;
-        }
-        tokio::task::yield_now().await;
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    server.kill9();
+    kill_after_acknowledged(&mut server, &acknowledged, 40);
     for task in tasks {
         task.await.unwrap();
     }
@@ -230,10 +235,9 @@ async fn kill_9_during_many_uploads_keeps_every_acknowledged_file() {
     let mut server = ServerProcess::spawn(&root, &[]);
     let addr = server.addr.clone();
     let acknowledged = Arc::new(Mutex::new(Vec::new()));
-    let count = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for worker in 0..4u64 {
-        let (addr, acknowledged, count) = (addr.clone(), acknowledged.clone(), count.clone());
+        let (addr, acknowledged) = (addr.clone(), acknowledged.clone());
         tasks.push(tokio::spawn(async move {
             let work = tempfile::tempdir().unwrap();
             let user = format!("up{worker}");
@@ -257,20 +261,13 @@ async fn kill_9_during_many_uploads_keeps_every_acknowledged_file() {
                             .lock()
                             .unwrap()
                             .push((user.clone(), name, seed, i));
-                        count.fetch_add(1, Ordering::SeqCst);
                     }
                     Err(_) => return,
                 }
             }
         }));
     }
-    for _ in 0..10_000 {
-        if count.load(Ordering::SeqCst) >= 40 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    server.kill9();
+    kill_after_acknowledged(&mut server, &acknowledged, 40);
     for task in tasks {
         task.await.unwrap();
     }
