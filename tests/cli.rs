@@ -184,7 +184,7 @@ async fn failures_exit_non_zero_with_one_clear_line() {
 async fn help_on_every_command() {
     let env = Env::new().await;
     for command in [
-        "serve", "register", "login", "logout", "ls", "put", "get", "shell",
+        "serve", "register", "login", "logout", "ls", "put", "get", "mput", "mget", "shell",
     ] {
         let out = env.ok(&[command, "--help"]).await;
         assert!(out.contains("Usage:"), "{command}: {out}");
