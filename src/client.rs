@@ -195,7 +195,15 @@ impl Client {
     }
 
     async fn list_body<T: serde::de::DeserializeOwned>(&mut self, partial: bool) -> Result<T> {
-        let reply: ListReply = self.conn.call(&Request::Ls { partial }).await?;
+        let reply: ListReply = self
+            .conn
+            .call(&Request::Ls {
+                path: String::new(),
+                partial,
+                after: None,
+                limit: None,
+            })
+            .await?;
         if reply.filesize > MAX_LISTING_LEN {
             return Err(Error::Protocol("listing too large".into()));
         }

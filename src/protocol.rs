@@ -52,10 +52,69 @@ pub enum Request {
     AuthToken { token: String },
     /// Revoke the session token this connection logged in with.
     Logout,
-    /// List the user's files (or, with `partial`, the staged uploads).
+    /// List one folder of the user's drive (`path`, default the user's root), one page of
+    /// at most `limit` entries sorted by name, starting after the name `after` (or, with
+    /// `partial`, the staged uploads).
     Ls {
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        path: String,
+        #[serde(default, skip_serializing_if = "is_false")]
         partial: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
+    /// One entry: a file or a folder.
+    Stat { path: String },
+    /// Make a folder (with `parents`, also the missing folders above it, and no error if
+    /// it exists).
+    Mkdir {
+        path: String,
+        #[serde(default, skip_serializing_if = "is_false")]
+        parents: bool,
+    },
+    /// Remove a file (kept as a version for undo), a folder with `recursive`, or with
+    /// `partial` a staged upload.
+    Rm {
+        path: String,
+        #[serde(default, skip_serializing_if = "is_false")]
+        recursive: bool,
+        #[serde(default, skip_serializing_if = "is_false")]
+        partial: bool,
+    },
+    /// Rename or move a file or folder; refused if `to` exists unless `overwrite`.
+    Mv {
+        from: String,
+        to: String,
+        #[serde(default, skip_serializing_if = "is_false")]
+        overwrite: bool,
+    },
+    /// Bytes and files used, and the quota.
+    Usage,
+    /// Who this connection is logged in as.
+    Whoami,
+    /// Change the password, step 1: a SCRAM client-first message for the logged-in user.
+    PasswdStart { message: String },
+    /// Change the password, step 2: the SCRAM client-final proving the current password,
+    /// and the new verifier. Other sessions are revoked unless `keep_sessions`.
+    PasswdFinish {
+        message: String,
+        salt: String,
+        iterations: u32,
+        stored_key: String,
+        server_key: String,
+        #[serde(default, skip_serializing_if = "is_false")]
+        keep_sessions: bool,
+    },
+    /// Earlier versions of a path (overwritten or removed), newest first.
+    Versions { path: String },
+    /// Bring back a version of `path` (default the newest); the current file, if any,
+    /// becomes a version itself.
+    Restore {
+        path: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<String>,
     },
     /// Start (or resume) uploading `size` bytes as `filename`; the reply says from which offset.
     Put {
@@ -99,6 +158,16 @@ impl Request {
             Request::AuthToken { .. } => "auth_token",
             Request::Logout => "logout",
             Request::Ls { .. } => "ls",
+            Request::Stat { .. } => "stat",
+            Request::Mkdir { .. } => "mkdir",
+            Request::Rm { .. } => "rm",
+            Request::Mv { .. } => "mv",
+            Request::Usage => "usage",
+            Request::Whoami => "whoami",
+            Request::PasswdStart { .. } => "passwd_start",
+            Request::PasswdFinish { .. } => "passwd_finish",
+            Request::Versions { .. } => "versions",
+            Request::Restore { .. } => "restore",
             Request::Put { .. } => "put",
             Request::PutData { .. } => "put_data",
             Request::PutCommit { .. } => "put_commit",
@@ -106,6 +175,18 @@ impl Request {
             Request::Quit => "quit",
         }
     }
+}
+
+impl Request {
+    /// Whether this request may carry a body (`filesize` bytes after the header). A body
+    /// on any other request is refused and skipped, never parsed as frames.
+    pub fn takes_body(&self) -> bool {
+        matches!(self, Request::PutData { .. } | Request::PutCommit { .. })
+    }
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 /// The body of an error reply: `{"ok": false, "code": ..., "message": ...}`.
@@ -139,19 +220,76 @@ pub struct UserReply {
 }
 
 /// Reply to `ls`: a JSON array of [`FileEntry`] (or [`PartialEntry`]) follows as the body.
+/// `next`, when present, is the `after` of the next page.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ListReply {
     pub count: usize,
     pub filesize: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
-/// One file of `ls`.
+/// Most entries in one `ls` page (and the default `limit`).
+pub const MAX_LIST_PAGE: u32 = 1000;
+
+/// Whether an entry is a file or a folder.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryType {
+    #[default]
+    File,
+    Dir,
+}
+
+/// One entry of `ls` (a name inside the listed folder) or `stat` (a whole path).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileEntry {
     pub name: String,
+    #[serde(rename = "type", default)]
+    pub kind: EntryType,
+    /// Bytes of a file; 0 for a folder.
     pub size: u64,
     /// Last modification, ISO 8601 UTC.
     pub modified: String,
+}
+
+/// Reply to `rm`: what was removed (files inside a removed folder included).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RmReply {
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// Reply to `usage`: like `df` for one user. Versions (overwritten or removed files kept
+/// for undo) count toward the quota.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct UsageReply {
+    pub files: u64,
+    pub bytes: u64,
+    pub versions: u64,
+    pub version_bytes: u64,
+    /// Announced sizes of unfinished uploads.
+    pub staged_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<u64>,
+}
+
+/// One earlier version of a path.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionEntry {
+    /// Give this to `restore`.
+    pub id: String,
+    #[serde(rename = "type", default)]
+    pub kind: EntryType,
+    pub size: u64,
+    /// When it was overwritten or removed, ISO 8601 UTC.
+    pub replaced: String,
+}
+
+/// Reply to `versions`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct VersionsReply {
+    pub versions: Vec<VersionEntry>,
 }
 
 /// One staged upload of `ls --partial`.
@@ -180,6 +318,13 @@ pub struct PutReply {
 pub struct CommitReply {
     pub size: u64,
     pub digest: String,
+    /// Old versions deleted (oldest first) to keep the user within the quota.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pruned_versions: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 /// Reply to `get`: `filesize` body bytes (the file from `offset`) follow.
@@ -285,7 +430,7 @@ impl Connection {
     /// Queue a request (or any header) for sending. Call [`Connection::flush`] to send.
     pub async fn write_header(&mut self, header: &impl Serialize) -> Result<()> {
         let bytes = encode_header(header)?;
-        self.stream.write_all(&bytes).await?;
+        Self::within(self.stall_timeout, self.stream.write_all(&bytes)).await?;
         Ok(())
     }
 
@@ -354,7 +499,7 @@ impl Connection {
 
     /// Flush and close the sending side (TCP FIN), so the peer sees a clean end.
     pub async fn shutdown(&mut self) -> Result<()> {
-        self.stream.shutdown().await?;
+        Self::within(self.stall_timeout, self.stream.shutdown()).await?;
         Ok(())
     }
 }
@@ -421,18 +566,18 @@ mod tests {
 
     #[test]
     fn header_round_trip_is_length_prefixed_little_endian() {
-        let frame = encode_header(&Request::Ls { partial: false }).unwrap();
-        let json = br#"{"cmd":"ls","partial":false}"#;
+        let frame = encode_header(&Request::Usage).unwrap();
+        let json = br#"{"cmd":"usage"}"#;
         assert_eq!(&frame[..4], &(json.len() as u32).to_le_bytes());
         assert_eq!(&frame[4..], json);
         let request = parse_request(decode_header(&frame[4..]).unwrap()).unwrap();
-        assert_eq!(request, Request::Ls { partial: false });
+        assert_eq!(request, Request::Usage);
     }
 
     #[test]
     fn unknown_command_is_bad_request() {
-        let err =
-            parse_request(decode_header(br#"{"cmd":"rm","filename":"x"}"#).unwrap()).unwrap_err();
+        let err = parse_request(decode_header(br#"{"cmd":"erase","filename":"x"}"#).unwrap())
+            .unwrap_err();
         assert_eq!(err.code(), Some(ErrorCode::BadRequest));
     }
 

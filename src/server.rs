@@ -453,7 +453,7 @@ impl Handler {
             Request::AuthFinish { message } => self.auth_finish(&message).await,
             Request::AuthToken { token } => self.auth_token(token).await,
             Request::Logout => self.logout().await,
-            Request::Ls { partial } => self.list(partial).await,
+            Request::Ls { partial, .. } => self.list(partial).await,
             Request::Put {
                 filename,
                 size,
@@ -466,6 +466,18 @@ impl Handler {
                 offset,
                 check_chunk,
             } => self.get(filename, offset, check_chunk).await,
+            Request::Stat { .. }
+            | Request::Mkdir { .. }
+            | Request::Rm { .. }
+            | Request::Mv { .. }
+            | Request::Usage
+            | Request::Whoami
+            | Request::PasswdStart { .. }
+            | Request::PasswdFinish { .. }
+            | Request::Versions { .. }
+            | Request::Restore { .. } => {
+                Err(Error::remote(ErrorCode::BadRequest, "not implemented yet"))
+            }
             Request::Quit => {
                 self.conn.write_ok(&Done {}).await?;
                 Ok(Outcome {

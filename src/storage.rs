@@ -196,6 +196,7 @@ impl Storage for LocalStorage {
             };
             if meta.is_file() && check_file_name(&name).is_ok() {
                 entries.push(FileEntry {
+                    kind: crate::protocol::EntryType::File,
                     name,
                     size: meta.len(),
                     modified: iso8601(meta.modified()?),
@@ -694,6 +695,7 @@ impl StagedUpload for LocalUpload {
         }
         upload.paths.remove();
         Ok(CommitReply {
+            pruned_versions: 0,
             size: upload.size,
             digest: actual,
         })

@@ -39,7 +39,12 @@ fn arb_request() -> impl Strategy<Value = Request> {
             check_chunk: None
         }),
         ".*".prop_map(|message| Request::AuthStart { message }),
-        Just(Request::Ls { partial: true }),
+        Just(Request::Ls {
+            path: "a/b".into(),
+            partial: true,
+            after: None,
+            limit: Some(5)
+        }),
         Just(Request::Quit),
     ]
 }
