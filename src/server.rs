@@ -667,6 +667,7 @@ impl Handler {
         self.conn
             .write_ok(&ListReply {
                 count,
+                next: None,
                 filesize: body.len() as u64,
             })
             .await?;
