@@ -260,6 +260,7 @@ impl Client {
                 filename: remote.to_string(),
                 size,
                 restart,
+                digest: None,
             })
             .await?;
         let offset = reply.offset;
@@ -499,6 +500,7 @@ impl Client {
                     filename: remote.clone(),
                     size,
                     restart: true,
+                    digest: None,
                 })
                 .await?;
             self.conn

@@ -19,8 +19,15 @@ pub enum ErrorCode {
     AuthFailed,
     /// A command that needs a logged-in session arrived before login.
     NotLoggedIn,
-    /// No such file.
+    /// No such file or folder.
     NotFound,
+    /// The target of `mkdir` or `mv` exists already (`mv -f` replaces a file).
+    Exists,
+    /// `rm` of a folder that is not empty, without `recursive`.
+    NotEmpty,
+    /// A folder where a file is needed (`get`, `put` over a folder) or a file where a
+    /// folder is needed (a path component, `ls` of a file).
+    WrongType,
     /// Someone else is uploading the same name right now.
     Busy,
     /// Data sent at an offset the server did not ask for.

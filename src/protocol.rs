@@ -65,8 +65,12 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         limit: Option<u32>,
     },
-    /// One entry: a file or a folder.
-    Stat { path: String },
+    /// One entry: a file or a folder; with `digest`, a file's checksum too.
+    Stat {
+        path: String,
+        #[serde(default, skip_serializing_if = "is_false")]
+        digest: bool,
+    },
     /// Make a folder (with `parents`, also the missing folders above it, and no error if
     /// it exists).
     Mkdir {
@@ -122,6 +126,10 @@ pub enum Request {
         size: u64,
         #[serde(default)]
         restart: bool,
+        /// The sender's checksum of the whole file, if known: when the file at `filename`
+        /// already has it, the reply says `unchanged` and nothing needs to be sent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        digest: Option<String>,
     },
     /// The upload's bytes from `offset`; `filesize` body bytes follow this header.
     PutData { offset: u64, filesize: u64 },
@@ -251,6 +259,9 @@ pub struct FileEntry {
     pub size: u64,
     /// Last modification, ISO 8601 UTC.
     pub modified: String,
+    /// Checksum of a file, only in `stat` with `digest`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
 }
 
 /// Reply to `rm`: what was removed (files inside a removed folder included).
@@ -311,6 +322,10 @@ pub struct PutReply {
     /// staged chunks a failed `put_commit` found not to match the sender's. Only in `put`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub missing: Vec<(u64, u64)>,
+    /// Only in `put` with `digest`: the file already has that checksum; the upload is
+    /// over (send no `put_data` or `put_commit`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub unchanged: bool,
 }
 
 /// Reply to `put_commit`: the file is complete, verified and durable under its name.

@@ -458,6 +458,7 @@ impl Handler {
                 filename,
                 size,
                 restart,
+                ..
             } => self.put(filename, size, restart).await,
             Request::PutData { offset, filesize } => self.put_data(offset, filesize).await,
             Request::PutCommit { digest, filesize } => self.put_commit(digest, filesize).await,
@@ -700,6 +701,7 @@ impl Handler {
         let reply = PutReply {
             offset: upload.offset(),
             missing: upload.missing(),
+            unchanged: false,
         };
         self.upload = Some(upload);
         self.conn.write_ok(&reply).await?;
@@ -727,6 +729,7 @@ impl Handler {
             .write_ok(&PutReply {
                 offset: received,
                 missing: Vec::new(),
+                unchanged: false,
             })
             .await?;
         Ok(Outcome {

@@ -197,6 +197,7 @@ impl Storage for LocalStorage {
             if meta.is_file() && check_file_name(&name).is_ok() {
                 entries.push(FileEntry {
                     kind: crate::protocol::EntryType::File,
+                    digest: None,
                     name,
                     size: meta.len(),
                     modified: iso8601(meta.modified()?),

@@ -460,6 +460,7 @@ async fn two_uploads_of_one_name_never_mix() {
             filename: "shared.bin".into(),
             size: first_data.len() as u64,
             restart: false,
+            digest: None,
         })
         .await
         .unwrap();
@@ -630,6 +631,7 @@ async fn a_mismatch_keeps_matching_chunks_and_asks_only_for_the_others() {
         filename: "m.bin".into(),
         size,
         restart,
+        digest: None,
     };
     let reply: PutReply = conn.call(&put(false)).await.unwrap();
     assert_eq!((reply.offset, reply.missing.len()), (0, 0));
