@@ -29,7 +29,8 @@ fn arb_request() -> impl Strategy<Value = Request> {
         (".*", any::<u64>(), any::<bool>()).prop_map(|(filename, size, restart)| Request::Put {
             filename,
             size,
-            restart
+            restart,
+            digest: None,
         }),
         (any::<u64>(), any::<u64>())
             .prop_map(|(offset, filesize)| Request::PutData { offset, filesize }),
