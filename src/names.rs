@@ -232,7 +232,7 @@ mod tests {
         let max_component = "x".repeat(MAX_FILE_NAME_LEN);
         let deepest = vec!["d"; MAX_PATH_DEPTH].join("/");
         // 4 components of 255 bytes and 3 separators: 1023 bytes, just under the limit.
-        let longest = vec![max_component.as_str(); 4].join("/");
+        let longest = [max_component.as_str(); 4].join("/");
         let cases: Vec<(&str, Vec<&str>)> = vec![
             ("", vec![]),
             ("/", vec![]),
