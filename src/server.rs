@@ -508,6 +508,8 @@ impl Handler {
             registered_at: now_iso8601(),
             last_login: None,
             verifier,
+            disabled: false,
+            sessions_after: None,
         };
         let shared = self.shared.clone();
         blocking(move || {
