@@ -28,7 +28,7 @@ use crate::storage::{iso8601, Durability, FileReader, LocalStorage, StagedUpload
 use crate::throttle::LoginThrottle;
 use crate::tls::{self, ServerTls};
 use crate::transfer::{receive_body, send_body, BodySink, BodySource};
-use crate::users::{now_iso8601, UserRecord, UserTable, UserTableError};
+use crate::users::{now_iso8601, unix_seconds, UserRecord, UserTable, UserTableError};
 
 /// Uploads up to this size that start from 0 are made durable in batches: one
 /// file-system sync for many files before their acknowledgments leave (group commit).
@@ -99,6 +99,9 @@ struct Shared {
 pub struct Server {
     listener: TcpListener,
     shared: Arc<Shared>,
+    /// ROOT/netdisk.lock, held while this server serves (released when `run` returns,
+    /// even if connections still hold the shared state, so a restart can take it).
+    _root_lock: crate::rootlock::RootLock,
 }
 
 impl Server {
@@ -106,17 +109,35 @@ impl Server {
     /// start with a users.xlsx it cannot read.
     pub async fn bind(config: ServerConfig) -> Result<Server> {
         let root = config.root.clone();
-        let shared = tokio::task::spawn_blocking(move || open_root(&root, config))
-            .await
-            .map_err(|e| Error::Invalid(e.to_string()))??;
+        let (root_lock, shared) = tokio::task::spawn_blocking(move || {
+            let lock = crate::rootlock::acquire(&root)?;
+            Ok::<_, Error>((lock, open_root(&root, config)?))
+        })
+        .await
+        .map_err(|e| Error::Invalid(e.to_string()))??;
         let listener = TcpListener::bind(&shared.config.listen)
             .await
             .map_err(|e| {
                 Error::Invalid(format!("cannot listen on {}: {e}", shared.config.listen))
             })?;
+        let shared = Arc::new(shared);
+        // Logins are recorded in memory; write them every minute (and at drop).
+        let weak = Arc::downgrade(&shared);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                let Some(shared) = weak.upgrade() else { return };
+                match tokio::task::spawn_blocking(move || shared.users.flush_logins()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => warn!(error = %e, "cannot write last logins to the user table"),
+                    Err(e) => warn!(error = %e, "cannot write last logins to the user table"),
+                }
+            }
+        });
         Ok(Server {
             listener,
-            shared: Arc::new(shared),
+            shared,
+            _root_lock: root_lock,
         })
     }
 
@@ -520,6 +541,12 @@ impl Handler {
                 ),
                 other => user_table_error(other),
             })?;
+            // The name had no row, so any folder under it is a removed account's: a new
+            // account must never inherit its files.
+            let root = &shared.config.root;
+            if let Some(place) = crate::admin::move_user_data_aside(root, &user)? {
+                warn!(user, moved_to = %place.display(), "new account's name had data of an earlier account; moved it aside");
+            }
             shared.storage.create_user(&user)
         })
         .await?;
@@ -586,13 +613,40 @@ impl Handler {
                 ));
             }
         };
+        // Only after a correct proof, so it tells a guesser nothing. The row is read
+        // again: an administrator may have changed it during the exchange.
+        let sessions_after = match self.shared.users.get(&name) {
+            Some(record) if record.disabled => {
+                return Err(Error::remote(
+                    ErrorCode::AuthFailed,
+                    "account disabled: ask the server's administrator",
+                ))
+            }
+            Some(record) => record.sessions_after,
+            None => {
+                return Err(Error::remote(
+                    ErrorCode::AuthFailed,
+                    "wrong user name or password",
+                ))
+            }
+        };
         let shared = self.shared.clone();
         let user = name.clone();
         let token = blocking(move || {
-            shared
-                .users
-                .record_login(&user, &now_iso8601())
-                .map_err(user_table_error)?;
+            // Written now as before, but best effort: a full disk must not stop logins
+            // (what is not written stays pending for the periodic flush).
+            let recorded = shared.users.record_login(&user, &now_iso8601());
+            if let Err(e) = recorded.and_then(|()| shared.users.flush_logins()) {
+                warn!(user, error = %e, "cannot record the login time");
+            }
+            // Session times are whole seconds: wait out a revocation made this second, or
+            // the new session would count as revoked (at most a second, once).
+            if let Some(after) = sessions_after.as_deref().and_then(unix_seconds) {
+                let wait = after - time::OffsetDateTime::now_utc().unix_timestamp();
+                if (1..=2).contains(&wait) {
+                    std::thread::sleep(Duration::from_secs(wait as u64));
+                }
+            }
             shared.storage.create_user(&user)?;
             shared.sessions.create(&user)
         })
@@ -611,6 +665,38 @@ impl Handler {
 
     async fn auth_token(&mut self, token: String) -> Result<Outcome> {
         let user = self.shared.sessions.user_of(&token)?;
+        let refused = |message: &str| Err(Error::remote(ErrorCode::AuthFailed, message));
+        match self.shared.users.get(&user) {
+            None => return refused("session expired or logged out: log in again"),
+            Some(record) if record.disabled => {
+                return refused("account disabled: ask the server's administrator")
+            }
+            Some(record) => {
+                if let Some(after) = record.sessions_after.as_deref().and_then(unix_seconds) {
+                    let root = self.shared.config.root.clone();
+                    let probe = token.clone();
+                    // Creation time = expiry - lifetime, read from sessions.json (the
+                    // store does not expose it yet).
+                    let created = blocking(move || {
+                        use sha2::Digest;
+                        let key = hex::encode(sha2::Sha256::digest(probe.as_bytes()));
+                        let table: serde_json::Value = std::fs::read(root.join("sessions.json"))
+                            .ok()
+                            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+                            .unwrap_or_default();
+                        let lifetime = crate::sessions::SESSION_LIFETIME.as_secs() as i64;
+                        Ok(table[key]["expires"].as_i64().map(|e| e - lifetime))
+                    })
+                    .await?;
+                    // Unknown age: treat as revoked; logging in again is cheap.
+                    if created.is_none_or(|created| created < after) {
+                        return refused(
+                            "session ended by the server's administrator: log in again",
+                        );
+                    }
+                }
+            }
+        }
         self.user = Some(user.clone());
         self.token = Some(token);
         self.conn.write_ok(&UserReply { user }).await?;
