@@ -60,7 +60,9 @@ enum Command {
         user: String,
     },
     /// Log in and save a session token (never the password) for later commands
-    Login { user: String },
+    Login {
+        user: String,
+    },
     /// End the saved session (on the server too)
     Logout,
     /// List your files: name, size in bytes, modified time
@@ -113,6 +115,7 @@ enum Command {
     },
     /// Interactive prompt: register, login, ls, put, get, help, quit
     Shell,
+    Admin(netdisk::admin::AdminArgs),
 }
 
 #[derive(Args)]
@@ -178,6 +181,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Serve(args) = cli.command {
         return serve(args, cli.no_tls, secret).await;
     }
+    if let Command::Admin(args) = cli.command {
+        return netdisk::admin::run(args);
+    }
     let tls = match (cli.no_tls, cli.ca) {
         (true, _) => {
             ui.say("warning: --no-tls: this connection is not encrypted (the password still never crosses it)");
@@ -194,7 +200,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ui,
     };
     match cli.command {
-        Command::Serve(_) => unreachable!("handled above"),
+        Command::Serve(_) | Command::Admin(_) => unreachable!("handled above"),
         Command::Register { user } => {
             let mut client = remote.connect().await?;
             let password = new_password(&user)?;
