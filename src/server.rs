@@ -46,10 +46,10 @@ use crate::users::{now_iso8601, unix_seconds, UserRecord, UserTable, UserTableEr
 /// Most acknowledgments held back for one group commit.
 const GROUP_COMMIT_MAX: usize = 64;
 /// TLS handshakes (and connection checks) in progress at once, in all and per address.
-const MAX_HANDSHAKES: usize = 128;
-const MAX_HANDSHAKES_PER_ADDRESS: usize = 16;
-/// Registrations per address: a burst, then one per this interval.
-const REGISTRATION_BURST: u32 = 10;
+const MAX_HANDSHAKES: usize = 256;
+const MAX_HANDSHAKES_PER_ADDRESS: usize = 64;
+/// Registrations per address: a burst (`ServerConfig::registration_burst`), then one per
+/// this interval.
 const REGISTRATION_INTERVAL: Duration = Duration::from_secs(6);
 
 /// Server settings; [`ServerConfig::new`] gives the defaults.
@@ -78,6 +78,8 @@ pub struct ServerConfig {
     pub quota: Option<u64>,
     /// Versions kept per path and for how long.
     pub storage: StorageOptions,
+    /// Registrations one address may make at once; then one per 6 s.
+    pub registration_burst: u32,
 }
 
 /// Where the server's TLS certificate comes from.
@@ -105,6 +107,7 @@ impl ServerConfig {
             secret: None,
             quota: None,
             storage: StorageOptions::default(),
+            registration_burst: 10,
         }
     }
 }
@@ -437,17 +440,15 @@ struct RateLimiter {
 }
 
 impl RateLimiter {
-    fn allow(&self, ip: IpAddr, now: Instant) -> std::result::Result<(), Duration> {
+    fn allow(&self, ip: IpAddr, burst: u32, now: Instant) -> std::result::Result<(), Duration> {
+        let burst = burst.max(1) as f64;
         let mut buckets = self.buckets.lock().unwrap();
         if buckets.len() > 10_000 {
             // Full buckets are the default: forgetting them loses nothing.
-            buckets
-                .retain(|_, (tokens, at)| *tokens + refill(*at, now) < REGISTRATION_BURST as f64);
+            buckets.retain(|_, (tokens, at)| *tokens + refill(*at, now) < burst);
         }
-        let (tokens, at) = buckets
-            .entry(ip)
-            .or_insert((REGISTRATION_BURST as f64, now));
-        *tokens = (*tokens + refill(*at, now)).min(REGISTRATION_BURST as f64);
+        let (tokens, at) = buckets.entry(ip).or_insert((burst, now));
+        *tokens = (*tokens + refill(*at, now)).min(burst);
         *at = now;
         if *tokens >= 1.0 {
             *tokens -= 1.0;
@@ -834,11 +835,11 @@ impl Handler {
 
     async fn register(&mut self, user: String, verifier: Verifier) -> Result<Outcome> {
         check_user_name(&user)?;
-        if let Err(wait) = self
-            .shared
-            .registrations
-            .allow(self.peer.ip(), Instant::now())
-        {
+        if let Err(wait) = self.shared.registrations.allow(
+            self.peer.ip(),
+            self.shared.config.registration_burst,
+            Instant::now(),
+        ) {
             return Err(Error::remote(
                 ErrorCode::TooManyRequests,
                 format!(

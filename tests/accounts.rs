@@ -167,7 +167,9 @@ async fn server_refuses_to_start_on_a_broken_table() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_registrations_all_land_and_one_name_wins_once() {
-    let server = TestServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let server = TestServer::start_with(dir, root, |c| c.registration_burst = 40).await;
     let addr = server.addr_string();
     let mut tasks = Vec::new();
     for i in 0..20 {

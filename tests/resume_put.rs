@@ -18,7 +18,7 @@ use common::*;
 use netdisk::client::{Client, NoProgress, Progress};
 use netdisk::digest::{file_digest, hash_reader, ChunkHash, CHUNK_SIZE};
 use netdisk::protocol::{CommitReply, Connection, PutReply, Request};
-use netdisk::storage::{LocalStorage, Storage};
+use netdisk::storage::{LocalStorage, Storage, StorageOptions};
 use netdisk::ErrorCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -537,16 +537,15 @@ async fn stale_partials_expire_and_free_their_space() {
     assert_eq!(staged_files(), 3, "data, chunk hashes, info");
 
     // Expiry as the server runs it, called directly: a fresh partial is kept...
-    let storage = LocalStorage::open(&server.root).unwrap();
-    assert_eq!(
-        storage
-            .expire_partials(Duration::from_secs(24 * 3600))
-            .unwrap(),
-        0
-    );
+    let storage = LocalStorage::open(&server.root, StorageOptions::default()).unwrap();
+    let expired = storage
+        .expire(Duration::from_secs(24 * 3600))
+        .await
+        .unwrap();
+    assert_eq!(expired.partials, 0);
     assert_eq!(client.list_partial().await.unwrap().len(), 1);
     // ...and one idle for longer than the limit is deleted with all its files.
-    assert_eq!(storage.expire_partials(Duration::ZERO).unwrap(), 1);
+    assert_eq!(storage.expire(Duration::ZERO).await.unwrap().partials, 1);
     assert!(client.list_partial().await.unwrap().is_empty());
     assert_eq!(staged_files(), 0);
 

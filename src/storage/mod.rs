@@ -241,6 +241,7 @@ pub trait Upload: Send {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorCode;
 
     #[test]
     fn paths_split_into_checked_components() {
