@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use crate::conncheck;
 use crate::digest::{file_digest, hash_reader, ChunkHash, ChunkHasher, CHUNK_SIZE};
 use crate::error::{Error, ErrorCode, Result};
-use crate::names::{check_file_name, check_user_name};
+use crate::names::{check_file_name, check_user_name, split_remote_path, to_nfc};
 use crate::protocol::{
     parse_reply, AuthReply, CommitReply, Connection, Done, EntryType, FileEntry, GetReply,
     HelloReply, ListReply, PartialEntry, PutReply, Request, RmReply, UsageReply, UserReply,
@@ -1248,23 +1248,8 @@ pub struct TreeReport {
 /// valid file name (no `.` or `..`, so it cannot leave the user's folder). `""` (or `/`)
 /// is the user's root folder; a leading `/` is that root, one trailing `/` is dropped.
 pub fn remote_path(path: &str) -> Result<String> {
-    use unicode_normalization::UnicodeNormalization;
-    let nfc: String = path.nfc().collect();
-    let inner = nfc.strip_prefix('/').unwrap_or(&nfc);
-    let inner = inner.strip_suffix('/').unwrap_or(inner);
-    if inner.is_empty() {
-        return Ok(String::new());
-    }
-    for component in inner.split('/') {
-        check_file_name(component).map_err(|e| {
-            if component == inner {
-                e
-            } else {
-                Error::remote(ErrorCode::BadName, format!("{e} (in the path {path:?})"))
-            }
-        })?;
-    }
-    Ok(inner.to_string())
+    let nfc = to_nfc(path);
+    Ok(split_remote_path(&nfc)?.join("/"))
 }
 
 /// Refuse the root folder where a file or folder inside it is needed.
@@ -1296,7 +1281,6 @@ fn walk_local(
     report: &mut TreeReport,
     progress: &mut dyn Progress,
 ) -> Result<(Vec<String>, Vec<(PathBuf, String, u64)>)> {
-    use unicode_normalization::UnicodeNormalization;
     let mut dirs = Vec::new();
     let mut files = Vec::new();
     let mut queue = VecDeque::from([(root.to_path_buf(), String::new())]);
@@ -1314,11 +1298,7 @@ fn walk_local(
         entries.sort_by_key(|e| e.file_name());
         for entry in entries {
             let path = entry.path();
-            let Some(name) = entry
-                .file_name()
-                .to_str()
-                .map(|n| n.nfc().collect::<String>())
-            else {
+            let Some(name) = entry.file_name().to_str().map(to_nfc) else {
                 report.failed.push((
                     path.display().to_string(),
                     Error::Invalid(format!("{}: the name is not UTF-8", path.display())),

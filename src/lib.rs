@@ -26,6 +26,7 @@ pub mod conncheck;
 pub mod digest;
 pub mod durable;
 pub mod error;
+pub mod limits;
 pub mod names;
 pub mod protocol;
 pub mod scram;

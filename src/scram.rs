@@ -4,10 +4,14 @@
 //! login proves knowledge of the password without revealing it. The messages are
 //! the exact RFC strings; our JSON frames only carry them.
 //!
+//! Passwords are SASLprep'd (RFC 4013, as RFC 5802 section 2.2 asks) before key
+//! derivation, so the same password typed as NFC or NFD, or with invisible soft hyphens,
+//! derives the same keys. ASCII passwords without control characters are unchanged.
+//!
 //! Deliberate simplifications: no channel binding (gs2 header `n,,`, `c=biws`),
-//! no authzid, no extensions, and no SASLprep (passwords are used as their raw
-//! UTF-8 bytes, which is what both our client and server do consistently).
+//! no authzid, no extensions.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -54,6 +58,29 @@ impl fmt::Debug for Verifier {
 
 impl Verifier {
     /// What registration sends (never the password): derive from password with a fresh random salt.
+    /// A password SASLprep refuses is an error ([`ScramError::BadPassword`]).
+    pub fn try_new(password: &str, iterations: u32) -> Result<Verifier, ScramError> {
+        let mut salt = [0u8; SALT_LEN];
+        getrandom::fill(&mut salt).map_err(ScramError::Random)?;
+        Verifier::try_with_salt(password, &salt, iterations)
+    }
+
+    /// Deterministic derivation, for tests and for re-deriving with a known salt.
+    pub fn try_with_salt(
+        password: &str,
+        salt: &[u8],
+        iterations: u32,
+    ) -> Result<Verifier, ScramError> {
+        let password = prepare_password(password)?;
+        Ok(Verifier::from_prepared(&password, salt, iterations))
+    }
+
+    /// [`Verifier::try_new`] for callers that cannot handle an error; prefer `try_new`.
+    ///
+    /// A password SASLprep refuses falls back to its raw UTF-8 bytes (the behaviour before
+    /// SASLprep) instead of panicking on user input. Such a verifier cannot be logged into
+    /// with [`ClientFirst::handle_server_first`], which refuses the same password with a clear
+    /// error, so registration code should call `try_new` to report it up front.
     ///
     /// Panics only if the operating system cannot provide random numbers.
     pub fn new(password: &str, iterations: u32) -> Verifier {
@@ -62,15 +89,54 @@ impl Verifier {
         Verifier::with_salt(password, &salt, iterations)
     }
 
-    /// Deterministic derivation, for tests and for re-deriving with a known salt.
+    /// [`Verifier::try_with_salt`] without the error; same fallback as [`Verifier::new`].
     pub fn with_salt(password: &str, salt: &[u8], iterations: u32) -> Verifier {
-        let keys = Keys::derive(password, salt, iterations);
+        let password = prepare_password(password)
+            .map(Cow::Owned)
+            .unwrap_or(Cow::Borrowed(password));
+        Verifier::from_prepared(&password, salt, iterations)
+    }
+
+    fn from_prepared(prepared_password: &str, salt: &[u8], iterations: u32) -> Verifier {
+        let keys = Keys::derive(prepared_password, salt, iterations);
         Verifier {
             salt: salt.to_vec(),
             iterations,
             stored_key: keys.stored_key,
             server_key: keys.server_key,
         }
+    }
+}
+
+/// SASLprep (RFC 4013) `password`: what key derivation must use, so that equivalent
+/// spellings of one password give the same keys. Refuses control, private-use and other
+/// prohibited characters, code points unassigned in Unicode 3.2 (which includes most emoji),
+/// and mixed right-to-left/left-to-right text, with a message saying which.
+pub fn prepare_password(password: &str) -> Result<String, ScramError> {
+    match stringprep::saslprep(password) {
+        Ok(prepared) => Ok(prepared.into_owned()),
+        Err(_) => Err(ScramError::BadPassword(saslprep_refusal(password))),
+    }
+}
+
+/// Why SASLprep refused `password`. Names the offending character by code point only, so
+/// a control character in the message cannot garble a terminal.
+fn saslprep_refusal(password: &str) -> String {
+    // A character refused on its own is prohibited or unassigned; if every character passes
+    // alone, only the whole-string bidirectional rule can have failed.
+    match password
+        .chars()
+        .find(|c| stringprep::saslprep(c.encode_utf8(&mut [0; 4])).is_err())
+    {
+        Some(c) => format!(
+            "the password contains U+{:04X}, which SASLprep (RFC 4013) does not allow \
+             (control, private-use, or unassigned in Unicode 3.2, as most emoji are); \
+             choose another password",
+            c as u32
+        ),
+        None => "the password mixes right-to-left and left-to-right text in a way \
+                 SASLprep (RFC 4013) does not allow; choose another password"
+            .to_string(),
     }
 }
 
@@ -96,6 +162,9 @@ pub enum ScramError {
     ServerError(String),
     #[error("no random numbers available: {0}")]
     Random(getrandom::Error),
+    /// The password is refused by SASLprep; the message says why.
+    #[error("{0}")]
+    BadPassword(String),
 }
 
 /// Client side, before the server has answered.
@@ -149,7 +218,7 @@ impl ClientFirst {
             return Err(ScramError::TooFewIterations(iterations));
         }
 
-        let keys = Keys::derive(password, &salt, iterations);
+        let keys = Keys::derive(&prepare_password(password)?, &salt, iterations);
         let without_proof = format!("c={CHANNEL_BINDING},r={nonce}");
         let auth_message = format!("{},{server_first},{without_proof}", self.bare);
         let client_signature = hmac(&keys.stored_key, auth_message.as_bytes());
@@ -289,8 +358,10 @@ struct Keys {
 }
 
 impl Keys {
-    fn derive(password: &str, salt: &[u8], iterations: u32) -> Keys {
-        let salted = pbkdf2::pbkdf2_hmac_array::<Sha256, 32>(password.as_bytes(), salt, iterations);
+    /// `prepared_password` must already be SASLprep'd.
+    fn derive(prepared_password: &str, salt: &[u8], iterations: u32) -> Keys {
+        let salted =
+            pbkdf2::pbkdf2_hmac_array::<Sha256, 32>(prepared_password.as_bytes(), salt, iterations);
         let client_key = hmac(&salted, b"Client Key");
         Keys {
             client_key,
@@ -666,5 +737,78 @@ mod tests {
         let text = format!("{:?}", rfc_verifier());
         assert!(text.contains("stored_key: \"<redacted>\""), "{text}");
         assert!(text.contains("server_key: \"<redacted>\""), "{text}");
+    }
+
+    fn salt() -> Vec<u8> {
+        B64.decode(SALT_B64).unwrap()
+    }
+
+    #[test]
+    fn equivalent_unicode_passwords_give_the_same_verifier() {
+        let nfc = Verifier::try_with_salt("caf\u{e9}", &salt(), MIN_ITERATIONS).unwrap();
+        let nfd = Verifier::try_with_salt("cafe\u{301}", &salt(), MIN_ITERATIONS).unwrap();
+        assert_eq!(nfc, nfd);
+        assert_eq!(
+            nfc,
+            Verifier::with_salt("cafe\u{301}", &salt(), MIN_ITERATIONS)
+        );
+        // RFC 4013 section 3: the soft hyphen maps to nothing.
+        assert_eq!(prepare_password("I\u{AD}X").unwrap(), "IX");
+        assert_eq!(
+            Verifier::try_with_salt("I\u{AD}X", &salt(), MIN_ITERATIONS).unwrap(),
+            Verifier::with_salt("IX", &salt(), MIN_ITERATIONS)
+        );
+        // Without the mapping the keys would differ: the test above is not vacuous.
+        assert_ne!(
+            Verifier::from_prepared("I\u{AD}X", &salt(), MIN_ITERATIONS),
+            Verifier::from_prepared("IX", &salt(), MIN_ITERATIONS)
+        );
+    }
+
+    #[test]
+    fn ascii_passwords_are_unchanged() {
+        for password in [
+            "pencil",
+            "",
+            "correct horse battery staple",
+            "!#$%&'()*+,-./:;<=>?@[]^_`{|}~",
+        ] {
+            assert_eq!(prepare_password(password).unwrap(), password);
+        }
+        assert_eq!(
+            Verifier::try_with_salt(PASSWORD, &salt(), 4096).unwrap(),
+            rfc_verifier()
+        );
+    }
+
+    #[test]
+    fn client_proof_uses_the_prepared_password() {
+        // Registered as NFC, logging in typed as NFD (as macOS input may give it).
+        let verifier = Verifier::try_new("caf\u{e9}", MIN_ITERATIONS).unwrap();
+        login("alice", "cafe\u{301}", verifier).unwrap();
+        let verifier = Verifier::try_new("IX", MIN_ITERATIONS).unwrap();
+        login("alice", "I\u{AD}X", verifier).unwrap();
+    }
+
+    #[test]
+    fn prohibited_passwords_refused_with_a_clear_error() {
+        for (password, expected) in [
+            ("tab\there", "U+0009"),
+            ("bell\u{7}", "U+0007"),
+            ("private\u{E000}", "U+E000"),
+            ("crab\u{1F980}", "U+1F980"),
+            ("\u{5D0}1", "right-to-left"),
+        ] {
+            let message = prepare_password(password).unwrap_err().to_string();
+            assert!(message.contains(expected), "{password:?}: {message}");
+            assert!(Verifier::try_new(password, MIN_ITERATIONS).is_err());
+            let client = ClientFirst::with_nonce(USER, CLIENT_NONCE).unwrap();
+            assert!(matches!(
+                client.handle_server_first(SERVER_FIRST, password),
+                Err(ScramError::BadPassword(_))
+            ));
+        }
+        // The infallible constructor does not panic on them.
+        let _ = Verifier::with_salt("tab\there", &salt(), MIN_ITERATIONS);
     }
 }
