@@ -479,6 +479,19 @@ impl Connection {
         Ok(())
     }
 
+    /// Wait (within the stall timeout) until body bytes can be read without waiting.
+    /// EOF is [`Error::ConnectionClosed`].
+    pub async fn wait_readable(&mut self) -> Result<()> {
+        use tokio::io::AsyncBufReadExt;
+        let available = Self::within(self.stall_timeout, self.stream.fill_buf())
+            .await?
+            .len();
+        if available == 0 {
+            return Err(Error::ConnectionClosed);
+        }
+        Ok(())
+    }
+
     /// Read exactly `buf.len()` body bytes.
     pub async fn read_body(&mut self, buf: &mut [u8]) -> Result<()> {
         Self::within(self.stall_timeout, self.stream.read_exact(buf))

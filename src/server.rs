@@ -1,51 +1,72 @@
-//! The server: accept loop, connection limit, and one [`Handler`] per connection that
+//! The server: accept loop, connection limits, and one [`Handler`] per connection that
 //! dispatches commands. Sessions and authentication state live here; file contents are
 //! the business of [`crate::storage`], user records of [`crate::users`].
+//!
+//! What one client can cost the others is bounded: connections count against the global
+//! limit only after their TLS handshake (handshakes have their own small limits, per
+//! address too); a stalled transfer waits on the async side, holding no thread; replies
+//! wait in a small buffer, and a client that does not read them stops being read from
+//! (backpressure); listings are pages; quota is reserved before an upload starts.
 
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::net::SocketAddr;
-use std::os::unix::fs::OpenOptionsExt;
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+use serde_json::{Map, Value};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{error, info, warn};
 
 use crate::conncheck;
-use crate::digest::{ChunkHash, CHUNK_SIZE};
+use crate::digest::{file_digest, ChunkHash, CHUNK_SIZE};
 use crate::error::{Error, ErrorCode, Result};
+use crate::limits;
 use crate::names::check_user_name;
 use crate::protocol::{
-    parse_request, AuthReply, Connection, Done, GetReply, HelloReply, ListReply, PutReply, Request,
-    UserReply, IO_BUFFER_SIZE, PROTOCOL_VERSION,
+    parse_request, AuthReply, CommitReply, Connection, Done, EntryType, FileEntry, GetReply,
+    HelloReply, ListReply, PartialEntry, PutReply, Request, RmReply, UsageReply, UserReply,
+    VersionEntry, VersionsReply, MAX_LIST_PAGE, PROTOCOL_VERSION,
 };
 use crate::scram::{self, ServerFirst, Verifier};
 use crate::sessions::SessionStore;
-use crate::storage::{iso8601, Durability, FileReader, LocalStorage, StagedUpload, Storage};
-use crate::throttle::LoginThrottle;
+use crate::storage::{
+    canonical_path, iso8601, Durable, Entry, FileRead, Kind, LocalStorage, Storage,
+    StorageOptions, Upload,
+};
+use crate::throttle::{LoginAttempt, LoginThrottle};
 use crate::tls::{self, ServerTls};
-use crate::transfer::{receive_body, send_body, BodySink, BodySource};
+use crate::transfer::BufferPool;
 use crate::users::{now_iso8601, UserRecord, UserTable, UserTableError};
 
-/// Uploads up to this size that start from 0 are made durable in batches: one
-/// file-system sync for many files before their acknowledgments leave (group commit).
-const GROUP_COMMIT_FILE_MAX: u64 = 1024 * 1024;
 /// Most acknowledgments held back for one group commit.
 const GROUP_COMMIT_MAX: usize = 64;
+/// TLS handshakes (and connection checks) in progress at once, in all and per address.
+const MAX_HANDSHAKES: usize = 128;
+const MAX_HANDSHAKES_PER_ADDRESS: usize = 16;
+/// Registrations per address: a burst, then one per this interval.
+const REGISTRATION_BURST: u32 = 10;
+const REGISTRATION_INTERVAL: Duration = Duration::from_secs(6);
 
 /// Server settings; [`ServerConfig::new`] gives the defaults.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     pub listen: String,
     pub root: PathBuf,
-    /// Connections served at once; more are refused with a `too_many_requests` reply.
+    /// Connections served at once (after their handshake); more are refused with a
+    /// `too_many_requests` reply. Lowered at start to what the file-descriptor limit allows.
     pub max_connections: usize,
-    /// Time a new connection has to send its `hello`.
+    /// Connections from one address (IPv6: one /64... counted per exact address here),
+    /// handshaking or served.
+    pub max_connections_per_address: usize,
+    /// Time a new connection has to finish TLS, the connection check and `hello`.
     pub handshake_timeout: Duration,
-    /// An idle connection (no complete request) is closed after this long.
+    /// An idle connection (no complete request) is closed after this long; also the
+    /// longest a peer may stall inside a frame, a body or while a reply is written.
     pub idle_timeout: Duration,
     /// Staged uploads idle for longer are deleted.
     pub partial_max_idle: Duration,
@@ -53,8 +74,10 @@ pub struct ServerConfig {
     pub tls: TlsSetting,
     /// Shared secret of the optional connection check (`--secret-file`).
     pub secret: Option<Vec<u8>>,
-    /// Most bytes each user may store (`--quota`); `None` is unlimited.
+    /// Most bytes each user may store (`--quota`), versions included; `None` is unlimited.
     pub quota: Option<u64>,
+    /// Versions kept per path and for how long.
+    pub storage: StorageOptions,
 }
 
 /// Where the server's TLS certificate comes from.
@@ -74,12 +97,14 @@ impl ServerConfig {
             listen: listen.into(),
             root: root.into(),
             max_connections: 1024,
+            max_connections_per_address: 256,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             partial_max_idle: Duration::from_secs(24 * 3600),
             tls: TlsSetting::SelfSigned,
             secret: None,
             quota: None,
+            storage: StorageOptions::default(),
         }
     }
 }
@@ -93,6 +118,10 @@ struct Shared {
     secret: Vec<u8>,
     tls: Option<ServerTls>,
     throttle: LoginThrottle,
+    quota: QuotaLedger,
+    registrations: RateLimiter,
+    addresses: AddressCounts,
+    buffers: BufferPool,
     config: ServerConfig,
 }
 
@@ -104,7 +133,24 @@ pub struct Server {
 impl Server {
     /// Open (or create) the data root and bind the listening socket. Fails rather than
     /// start with a users.xlsx it cannot read.
-    pub async fn bind(config: ServerConfig) -> Result<Server> {
+    pub async fn bind(mut config: ServerConfig) -> Result<Server> {
+        // Each connection needs descriptors (socket, files): never promise more
+        // connections than the process can open.
+        match limits::raise_fd_limit() {
+            Ok((soft, _hard)) => {
+                let allowed = limits::clamp_max_connections(config.max_connections, soft);
+                if allowed < config.max_connections {
+                    warn!(
+                        requested = config.max_connections,
+                        allowed,
+                        fd_limit = soft,
+                        "--max-connections lowered to fit the open-file limit (ulimit -n)"
+                    );
+                    config.max_connections = allowed;
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot read the open-file limit"),
+        }
         let root = config.root.clone();
         let shared = tokio::task::spawn_blocking(move || open_root(&root, config))
             .await
@@ -137,16 +183,18 @@ impl Server {
             users = self.shared.users.len(),
             tls = self.fingerprint().unwrap_or("off (--no-tls)"),
             secret_check = self.shared.config.secret.is_some(),
+            max_connections = self.shared.config.max_connections,
             "netdisk server listening"
         );
-        let expiry = spawn_partial_expiry(self.shared.clone());
+        let housekeeping = spawn_housekeeping(self.shared.clone());
         let limit = Arc::new(Semaphore::new(self.shared.config.max_connections));
+        let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
         tokio::pin!(shutdown);
         loop {
             let (socket, peer) = tokio::select! {
                 _ = &mut shutdown => {
                     info!("shutting down");
-                    expiry.abort();
+                    housekeeping.abort();
                     return Ok(());
                 }
                 accepted = self.listener.accept() => match accepted {
@@ -159,17 +207,28 @@ impl Server {
                     }
                 },
             };
+            // Cheap refusals first: an address over its share, or too many handshakes.
+            let Some(slot) = self.shared.addresses.enter(peer.ip(), &self.shared.config) else {
+                info!(%peer, "connection refused: too many from this address");
+                continue;
+            };
+            let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+                info!(%peer, "connection refused: too many handshakes in progress");
+                continue;
+            };
             let _ = socket.set_nodelay(true);
             let shared = self.shared.clone();
-            let permit = limit.clone().try_acquire_owned();
+            let limit = limit.clone();
             tokio::spawn(async move {
-                let Some(conn) = open_connection(socket, peer, &shared).await else {
-                    return;
-                };
-                match permit {
+                let conn = open_connection(socket, peer, &shared).await;
+                drop(handshake);
+                let Some(conn) = conn else { return };
+                let slot = slot.handshake_done();
+                match limit.try_acquire_owned() {
                     Ok(_permit) => Handler::new(conn, peer, shared).run().await,
                     Err(_) => refuse_busy(conn, peer).await,
                 }
+                drop(slot);
             });
         }
     }
@@ -177,12 +236,15 @@ impl Server {
 
 /// Open the root folder: storage areas, users.xlsx, sessions, the server secret.
 fn open_root(root: &Path, config: ServerConfig) -> Result<Shared> {
-    std::fs::create_dir_all(root)
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(root)
         .map_err(|e| Error::Invalid(format!("cannot create {}: {e}", root.display())))?;
     let users =
         UserTable::open(&root.join("users.xlsx")).map_err(|e| Error::Invalid(e.to_string()))?;
     let sessions = SessionStore::open(&root.join("sessions.json"))?;
-    let storage: Arc<dyn Storage> = Arc::new(LocalStorage::open(root)?);
+    let storage: Arc<dyn Storage> = Arc::new(LocalStorage::open(root, config.storage.clone())?);
     let secret = load_or_create_secret(&root.join("server.secret"))?;
     let tls = match &config.tls {
         TlsSetting::Off => None,
@@ -196,6 +258,10 @@ fn open_root(root: &Path, config: ServerConfig) -> Result<Shared> {
         secret,
         tls,
         throttle: LoginThrottle::default(),
+        quota: QuotaLedger::default(),
+        registrations: RateLimiter::default(),
+        addresses: AddressCounts::default(),
+        buffers: BufferPool::default(),
         config,
     })
 }
@@ -220,17 +286,20 @@ fn load_or_create_secret(path: &Path) -> Result<Vec<u8>> {
     Ok(secret)
 }
 
-fn spawn_partial_expiry(shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
+/// Deletes stale staged uploads and expired versions now and then.
+fn spawn_housekeeping(shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let max_idle = shared.config.partial_max_idle;
         let every = (max_idle / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600));
         loop {
-            let storage = shared.storage.clone();
-            match tokio::task::spawn_blocking(move || storage.expire_partials(max_idle)).await {
-                Ok(Ok(0)) => {}
-                Ok(Ok(n)) => info!(expired = n, "deleted stale partial uploads"),
-                Ok(Err(e)) => warn!(error = %e, "expiring partial uploads failed"),
-                Err(e) => warn!(error = %e, "expiring partial uploads failed"),
+            match shared.storage.expire(max_idle).await {
+                Ok(expired) if expired.partials + expired.versions == 0 => {}
+                Ok(expired) => info!(
+                    partials = expired.partials,
+                    versions = expired.versions,
+                    "deleted stale partial uploads and expired versions"
+                ),
+                Err(e) => warn!(error = %e, "housekeeping failed"),
             }
             tokio::time::sleep(every).await;
         }
@@ -259,6 +328,7 @@ async fn open_connection(
         },
         None => Connection::new(socket),
     };
+    conn.set_stall_timeout(timeout);
     if let Some(secret) = &shared.config.secret {
         if let Err(e) = conncheck::challenge_client(&mut conn, secret, timeout).await {
             warn!(%peer, error = %e, "connection check failed; closing");
@@ -279,6 +349,136 @@ async fn refuse_busy(mut conn: Connection, peer: SocketAddr) {
     let _ = conn.shutdown().await;
 }
 
+/// Connections per address, handshaking and served.
+#[derive(Default)]
+struct AddressCounts {
+    counts: Arc<Mutex<HashMap<IpAddr, (usize, usize)>>>,
+}
+
+/// One connection's place in [`AddressCounts`]; gives it back on drop.
+struct AddressSlot {
+    counts: Arc<Mutex<HashMap<IpAddr, (usize, usize)>>>,
+    ip: IpAddr,
+    handshaking: bool,
+}
+
+impl AddressCounts {
+    fn enter(&self, ip: IpAddr, config: &ServerConfig) -> Option<AddressSlot> {
+        let mut counts = self.counts.lock().unwrap();
+        let (handshaking, served) = counts.entry(ip).or_default();
+        if *handshaking >= MAX_HANDSHAKES_PER_ADDRESS
+            || *handshaking + *served >= config.max_connections_per_address
+        {
+            return None;
+        }
+        *handshaking += 1;
+        Some(AddressSlot {
+            counts: self.counts.clone(),
+            ip,
+            handshaking: true,
+        })
+    }
+}
+
+impl AddressSlot {
+    fn handshake_done(mut self) -> AddressSlot {
+        let mut counts = self.counts.lock().unwrap();
+        if let Some((handshaking, served)) = counts.get_mut(&self.ip) {
+            *handshaking -= 1;
+            *served += 1;
+        }
+        self.handshaking = false;
+        drop(counts);
+        self
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap();
+        if let Some((handshaking, served)) = counts.get_mut(&self.ip) {
+            if self.handshaking {
+                *handshaking -= 1;
+            } else {
+                *served -= 1;
+            }
+            if *handshaking == 0 && *served == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Registrations per address: a token bucket (a burst, then one per interval).
+#[derive(Default)]
+struct RateLimiter {
+    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+}
+
+impl RateLimiter {
+    fn allow(&self, ip: IpAddr, now: Instant) -> std::result::Result<(), Duration> {
+        let mut buckets = self.buckets.lock().unwrap();
+        if buckets.len() > 10_000 {
+            // Full buckets are the default: forgetting them loses nothing.
+            buckets.retain(|_, (tokens, at)| {
+                *tokens + refill(*at, now) < REGISTRATION_BURST as f64
+            });
+        }
+        let (tokens, at) = buckets
+            .entry(ip)
+            .or_insert((REGISTRATION_BURST as f64, now));
+        *tokens = (*tokens + refill(*at, now)).min(REGISTRATION_BURST as f64);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(REGISTRATION_INTERVAL.mul_f64(1.0 - *tokens))
+        }
+    }
+}
+
+fn refill(since: Instant, now: Instant) -> f64 {
+    now.saturating_duration_since(since).as_secs_f64() / REGISTRATION_INTERVAL.as_secs_f64()
+}
+
+/// Quota reservations: uploads in progress, per user, so concurrent uploads cannot
+/// together pass a check each passes alone. A user's check and reservation happen under
+/// that user's lock.
+#[derive(Default)]
+struct QuotaLedger {
+    users: Mutex<HashMap<String, Arc<tokio::sync::Mutex<HashMap<u64, (String, u64)>>>>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+/// An upload's reserved bytes; released on drop (commit or abandon).
+struct Reservation {
+    book: Arc<tokio::sync::Mutex<HashMap<u64, (String, u64)>>>,
+    id: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let id = self.id;
+        // Usually free at once; otherwise a task waits for the lock.
+        if let Ok(mut book) = self.book.try_lock() {
+            book.remove(&id);
+            return;
+        }
+        let book = self.book.clone();
+        tokio::spawn(async move {
+            book.lock().await.remove(&id);
+        });
+    }
+}
+
+impl QuotaLedger {
+    fn book(&self, user: &str) -> Arc<tokio::sync::Mutex<HashMap<u64, (String, u64)>>> {
+        let mut users = self.users.lock().unwrap();
+        users.entry(user.to_string()).or_default().clone()
+    }
+}
+
 /// What a command did, for the log.
 #[derive(Default)]
 struct Outcome {
@@ -286,11 +486,25 @@ struct Outcome {
     close: bool,
 }
 
+/// The upload between `put` and `put_commit`, with its quota reservation.
+struct ActiveUpload {
+    upload: Box<dyn Upload>,
+    _reservation: Option<Reservation>,
+}
+
+/// A SCRAM exchange in progress (login or password change).
+struct ScramExchange {
+    user: String,
+    exists: bool,
+    server_first: ServerFirst,
+    attempt: LoginAttempt,
+}
+
 /// One client connection.
 struct Handler {
-    /// The upload between `put` and `put_commit`. Declared (so dropped) before `conn`: when
-    /// a client sees this connection closed, the upload's name is free again.
-    upload: Option<Box<dyn StagedUpload>>,
+    /// Declared (so dropped) before `conn`: when a client sees this connection closed, the
+    /// upload's name is free again.
+    upload: Option<ActiveUpload>,
     conn: Connection,
     peer: SocketAddr,
     shared: Arc<Shared>,
@@ -299,14 +513,12 @@ struct Handler {
     user: Option<String>,
     /// The session token this connection logged in with or was given.
     token: Option<String>,
-    /// A SCRAM exchange between `auth_start` and `auth_finish`: the claimed name,
-    /// whether it exists, and the server state.
-    login: Option<(String, bool, ServerFirst)>,
-    /// Commits made with deferred durability whose acknowledgments wait in the output
-    /// buffer for one [`Storage::sync`] (group commit).
-    unsynced_commits: usize,
-    /// Whether `upload` was started with deferred durability.
-    upload_deferred: bool,
+    login: Option<ScramExchange>,
+    passwd: Option<ScramExchange>,
+    /// Commits whose acknowledgments wait in the output buffer until they are durable.
+    unsynced: Vec<Durable>,
+    /// Body bytes the current request announced and no one has read yet.
+    body_left: u64,
 }
 
 impl Handler {
@@ -320,9 +532,10 @@ impl Handler {
             user: None,
             token: None,
             login: None,
+            passwd: None,
             upload: None,
-            unsynced_commits: 0,
-            upload_deferred: false,
+            unsynced: Vec::new(),
+            body_left: 0,
         }
     }
 
@@ -354,9 +567,34 @@ impl Handler {
             };
             requests += 1;
             let command_started = Instant::now();
-            let (cmd, result) = match parse_request(header) {
-                Ok(request) => (request.name(), self.apply(request).await),
+            let (cmd, result) = match announced_body(&header) {
                 Err(e) => ("?", Err(e)),
+                Ok(len) => {
+                    self.body_left = len;
+                    match parse_request(header) {
+                        Ok(request) if len > 0 && !request.takes_body() => (
+                            request.name(),
+                            Err(Error::remote(
+                                ErrorCode::BadRequest,
+                                format!("{} carries no body", request.name()),
+                            )),
+                        ),
+                        Ok(request) => (request.name(), self.apply(request).await),
+                        Err(e) => ("?", Err(e)),
+                    }
+                }
+            };
+            // A body nobody read (a refused request's) is skipped, never parsed as frames.
+            let result = match (result, self.body_left) {
+                (result, 0) => result,
+                (Err(Error::Remote { code, message }), left) => {
+                    self.body_left = 0;
+                    match self.conn.skip_body(left).await {
+                        Ok(()) => Err(Error::Remote { code, message }),
+                        Err(e) => Err(e),
+                    }
+                }
+                (other, _) => other,
             };
             let user = self.user.as_deref().unwrap_or("-");
             let ms = command_started.elapsed().as_millis() as u64;
@@ -369,15 +607,26 @@ impl Handler {
                     }
                 }
                 Err(Error::Remote { code, message }) => {
-                    info!(peer = %self.peer, user, cmd, ?code, %message, ms, "refused");
-                    let sent = self.conn.write_error(code, &message).await;
+                    // Internal details (paths, OS errors) stay in the log.
+                    let shown = if code == ErrorCode::Internal {
+                        warn!(peer = %self.peer, user, cmd, %message, ms, "internal error");
+                        "internal server error (details are in the server's log)".to_string()
+                    } else {
+                        info!(peer = %self.peer, user, cmd, ?code, %message, ms, "refused");
+                        message
+                    };
                     let closing = !self.greeted || code == ErrorCode::UnsupportedVersion;
-                    if sent.is_err() || self.send_replies(closing).await.is_err() {
+                    let sent = self.conn.write_error(code, &shown).await;
+                    if sent.is_err() || self.send_replies(closing).await.is_err() || closing {
                         break;
                     }
-                    if !self.greeted || code == ErrorCode::UnsupportedVersion {
-                        break;
-                    }
+                }
+                Err(Error::Protocol(message)) => {
+                    warn!(peer = %self.peer, user, cmd, %message, "bad frame; closing");
+                    let _ = self.conn.write_error(ErrorCode::BadRequest, &message).await;
+                    let _ = self.send_replies(true).await;
+                    let _ = self.conn.shutdown().await;
+                    break;
                 }
                 Err(Error::ConnectionClosed) => {
                     info!(peer = %self.peer, user, cmd, ms, "connection lost mid-command");
@@ -386,16 +635,25 @@ impl Handler {
                     let _ = self.send_replies(true).await;
                     break;
                 }
+                Err(Error::Io(e)) if is_disconnect(&e) => {
+                    info!(peer = %self.peer, user, cmd, error = %e, ms, "connection lost");
+                    break;
+                }
                 Err(e) => {
                     error!(peer = %self.peer, user, cmd, error = %e, ms, "failed; closing");
                     let _ = self
                         .conn
                         .write_error(ErrorCode::Internal, "internal server error")
                         .await;
+                    let _ = self.send_replies(true).await;
                     let _ = self.conn.shutdown().await;
                     break;
                 }
             }
+        }
+        // Writes still running on the upload finish before its name is free again.
+        if let Some(mut active) = self.upload.take() {
+            let _ = active.upload.finish_writes().await;
         }
         let user = self.user.as_deref().unwrap_or("-");
         info!(
@@ -409,10 +667,11 @@ impl Handler {
     }
 
     /// Flush the replies, unless the client has already pipelined more requests: then
-    /// they go out with the next replies. Deferred commits are made durable first, so no
-    /// acknowledgment leaves before its file is on stable storage.
+    /// they go out with the next replies. Commits are made durable first, so no
+    /// acknowledgment leaves before its file is on stable storage. A client that does not
+    /// read its replies blocks this flush, and so stops being read from (backpressure).
     async fn send_replies(&mut self, closing: bool) -> Result<()> {
-        let batch_full = self.unsynced_commits >= GROUP_COMMIT_MAX;
+        let batch_full = self.unsynced.len() >= GROUP_COMMIT_MAX;
         if self.conn.has_buffered_input() && !closing && !batch_full {
             return Ok(());
         }
@@ -420,12 +679,11 @@ impl Handler {
         self.conn.flush().await
     }
 
-    /// Make deferred commits durable (one file-system sync for the batch).
+    /// Wait until every commit acknowledged in the output buffer is durable (implementations
+    /// share one flush among many commits: group commit).
     async fn settle(&mut self) -> Result<()> {
-        if self.unsynced_commits > 0 {
-            let storage = self.shared.storage.clone();
-            blocking(move || storage.sync()).await?;
-            self.unsynced_commits = 0;
+        for durable in std::mem::take(&mut self.unsynced) {
+            durable.wait().await?;
         }
         Ok(())
     }
@@ -446,20 +704,75 @@ impl Handler {
                 stored_key,
                 server_key,
             } => {
-                self.register(user, &salt, iterations, &stored_key, &server_key)
-                    .await
+                let verifier = decode_verifier(&salt, iterations, &stored_key, &server_key)?;
+                self.register(user, verifier).await
             }
             Request::AuthStart { message } => self.auth_start(&message).await,
             Request::AuthFinish { message } => self.auth_finish(&message).await,
             Request::AuthToken { token } => self.auth_token(token).await,
             Request::Logout => self.logout().await,
-            Request::Ls { partial, .. } => self.list(partial).await,
+            Request::Ls {
+                path,
+                partial,
+                after,
+                limit,
+            } => self.list(&path, partial, after, limit).await,
+            Request::Stat { path, digest } => self.stat(&path, digest).await,
+            Request::Mkdir { path, parents } => {
+                let user = self.logged_in_user()?;
+                self.shared.storage.mkdir(&user, &path, parents).await?;
+                self.done().await
+            }
+            Request::Rm {
+                path,
+                recursive,
+                partial,
+            } => self.remove(&path, recursive, partial).await,
+            Request::Mv {
+                from,
+                to,
+                overwrite,
+            } => {
+                let user = self.logged_in_user()?;
+                self.shared
+                    .storage
+                    .rename(&user, &from, &to, overwrite)
+                    .await?;
+                self.done().await
+            }
+            Request::Usage => self.usage().await,
+            Request::Whoami => {
+                let user = self.logged_in_user()?;
+                self.conn.write_ok(&UserReply { user }).await?;
+                Ok(Outcome::default())
+            }
+            Request::PasswdStart { message } => self.passwd_start(&message).await,
+            Request::PasswdFinish {
+                message,
+                salt,
+                iterations,
+                stored_key,
+                server_key,
+                keep_sessions,
+            } => {
+                let verifier = decode_verifier(&salt, iterations, &stored_key, &server_key)?;
+                self.passwd_finish(&message, verifier, keep_sessions).await
+            }
+            Request::Versions { path } => self.versions(&path).await,
+            Request::Restore { path, version } => {
+                let user = self.logged_in_user()?;
+                self.shared
+                    .storage
+                    .restore(&user, &path, version.as_deref())
+                    .await?;
+                self.done().await
+            }
             Request::Put {
                 filename,
                 size,
                 restart,
-                ..
-            } => self.put(filename, size, restart).await,
+                digest,
+            } => self.put(filename, size, restart, digest).await,
             Request::PutData { offset, filesize } => self.put_data(offset, filesize).await,
             Request::PutCommit { digest, filesize } => self.put_commit(digest, filesize).await,
             Request::Get {
@@ -467,18 +780,6 @@ impl Handler {
                 offset,
                 check_chunk,
             } => self.get(filename, offset, check_chunk).await,
-            Request::Stat { .. }
-            | Request::Mkdir { .. }
-            | Request::Rm { .. }
-            | Request::Mv { .. }
-            | Request::Usage
-            | Request::Whoami
-            | Request::PasswdStart { .. }
-            | Request::PasswdFinish { .. }
-            | Request::Versions { .. }
-            | Request::Restore { .. } => {
-                Err(Error::remote(ErrorCode::BadRequest, "not implemented yet"))
-            }
             Request::Quit => {
                 self.conn.write_ok(&Done {}).await?;
                 Ok(Outcome {
@@ -487,6 +788,11 @@ impl Handler {
                 })
             }
         }
+    }
+
+    async fn done(&mut self) -> Result<Outcome> {
+        self.conn.write_ok(&Done {}).await?;
+        Ok(Outcome::default())
     }
 
     async fn hello(&mut self, version: u32) -> Result<Outcome> {
@@ -506,16 +812,21 @@ impl Handler {
         Ok(Outcome::default())
     }
 
-    async fn register(
-        &mut self,
-        user: String,
-        salt: &str,
-        iterations: u32,
-        stored_key: &str,
-        server_key: &str,
-    ) -> Result<Outcome> {
+    async fn register(&mut self, user: String, verifier: Verifier) -> Result<Outcome> {
         check_user_name(&user)?;
-        let verifier = decode_verifier(salt, iterations, stored_key, server_key)?;
+        if let Err(wait) = self
+            .shared
+            .registrations
+            .allow(self.peer.ip(), Instant::now())
+        {
+            return Err(Error::remote(
+                ErrorCode::TooManyRequests,
+                format!(
+                    "too many registrations from your address; try again in {} s",
+                    wait.as_secs().max(1)
+                ),
+            ));
+        }
         let record = UserRecord {
             name: user.clone(),
             registered_at: now_iso8601(),
@@ -523,49 +834,76 @@ impl Handler {
             verifier,
         };
         let shared = self.shared.clone();
+        let name = user.clone();
         blocking(move || {
             shared.users.insert(record).map_err(|e| match e {
                 UserTableError::NameTaken => Error::remote(
                     ErrorCode::NameTaken,
-                    format!("the user name {user} is already taken"),
+                    format!("the user name {name} is already taken"),
                 ),
                 other => user_table_error(other),
-            })?;
-            shared.storage.create_user(&user)
+            })
         })
         .await?;
-        self.conn.write_ok(&Done {}).await?;
-        Ok(Outcome::default())
+        // The name had no row, so a folder under it is a removed account's: a new account
+        // must never inherit its files.
+        if let Some(place) = self.shared.storage.retire_user(&user).await? {
+            warn!(user, moved_to = %place, "the new account's name had an earlier account's files; moved them aside");
+        }
+        self.shared.storage.create_user(&user).await?;
+        self.done().await
+    }
+
+    /// Start a SCRAM exchange: the attempt counts against the throttle from now on.
+    fn scram_start(&self, client_first: &str) -> Result<ScramExchange> {
+        let bad = |e: scram::ScramError| Error::remote(ErrorCode::BadRequest, e.to_string());
+        let name = ServerFirst::parse_user(client_first).map_err(bad)?;
+        let valid = check_user_name(&name).is_ok();
+        let attempt = self.shared.throttle.begin(
+            valid.then_some(name.as_str()),
+            self.peer.ip(),
+            Instant::now(),
+        )?;
+        // Unknown (or impossible) names get a fake verifier, so the answer looks the same.
+        let known = self
+            .shared
+            .users
+            .get(&name)
+            .filter(|_| valid)
+            .map(|record| record.verifier);
+        let exists = known.is_some();
+        let verifier = known.unwrap_or_else(|| scram::fake_verifier(&self.shared.secret, &name));
+        let server_first = ServerFirst::new(client_first, verifier).map_err(bad)?;
+        Ok(ScramExchange {
+            user: name,
+            exists,
+            server_first,
+            attempt,
+        })
+    }
+
+    /// Finish a SCRAM exchange: the server-final message when the proof is right.
+    fn scram_finish(exchange: ScramExchange, client_final: &str) -> Result<(String, String)> {
+        match exchange.server_first.handle_client_final(client_final) {
+            Ok(server_final) if exchange.exists => {
+                exchange.attempt.succeeded();
+                Ok((exchange.user, server_final))
+            }
+            _ => {
+                exchange.attempt.failed();
+                Err(Error::remote(
+                    ErrorCode::AuthFailed,
+                    "wrong user name or password",
+                ))
+            }
+        }
     }
 
     async fn auth_start(&mut self, client_first: &str) -> Result<Outcome> {
-        let bad = |e: scram::ScramError| Error::remote(ErrorCode::BadRequest, e.to_string());
-        let name = ServerFirst::parse_user(client_first).map_err(bad)?;
-        if let Err(wait) = self
-            .shared
-            .throttle
-            .check(&self.throttle_keys(&name), Instant::now())
-        {
-            return Err(Error::remote(
-                ErrorCode::TooManyRequests,
-                format!(
-                    "too many failed logins; try again in {} s",
-                    wait.as_secs().max(1)
-                ),
-            ));
-        }
-        // Unknown (or impossible) names get a fake verifier, so the answer looks the same.
-        let known = check_user_name(&name)
-            .ok()
-            .and_then(|_| self.shared.users.get(&name));
-        let exists = known.is_some();
-        let verifier = match known {
-            Some(record) => record.verifier,
-            None => scram::fake_verifier(&self.shared.secret, &name),
-        };
-        let server_first = ServerFirst::new(client_first, verifier).map_err(bad)?;
-        let message = server_first.message();
-        self.login = Some((name, exists, server_first));
+        self.login = None; // an unfinished earlier attempt counts as failed
+        let exchange = self.scram_start(client_first)?;
+        let message = exchange.server_first.message();
+        self.login = Some(exchange);
         self.conn
             .write_ok(&AuthReply {
                 message,
@@ -577,37 +915,21 @@ impl Handler {
     }
 
     async fn auth_finish(&mut self, client_final: &str) -> Result<Outcome> {
-        let Some((name, exists, server_first)) = self.login.take() else {
+        let Some(exchange) = self.login.take() else {
             return Err(Error::remote(
                 ErrorCode::BadRequest,
                 "auth_finish without auth_start",
             ));
         };
-        let keys = self.throttle_keys(&name);
-        let server_final = match server_first.handle_client_final(client_final) {
-            Ok(server_final) if exists => {
-                self.shared.throttle.succeeded(&keys);
-                server_final
-            }
-            _ => {
-                self.shared.throttle.failed(&keys, Instant::now());
-                return Err(Error::remote(
-                    ErrorCode::AuthFailed,
-                    "wrong user name or password",
-                ));
-            }
-        };
+        let (name, server_final) = Self::scram_finish(exchange, client_final)?;
+        // A full disk must not stop logins: the login time is best effort.
+        if let Err(e) = self.shared.users.record_login(&name, &now_iso8601()) {
+            warn!(user = name, error = %e, "cannot record the login time");
+        }
+        self.shared.storage.create_user(&name).await?;
         let shared = self.shared.clone();
         let user = name.clone();
-        let token = blocking(move || {
-            shared
-                .users
-                .record_login(&user, &now_iso8601())
-                .map_err(user_table_error)?;
-            shared.storage.create_user(&user)?;
-            shared.sessions.create(&user)
-        })
-        .await?;
+        let token = blocking(move || shared.sessions.create(&user)).await?;
         self.user = Some(name.clone());
         self.token = Some(token.clone());
         self.conn
@@ -621,7 +943,14 @@ impl Handler {
     }
 
     async fn auth_token(&mut self, token: String) -> Result<Outcome> {
-        let user = self.shared.sessions.user_of(&token)?;
+        let (user, _created) = self.shared.sessions.session_of(&token)?;
+        // A user removed from the table by hand has no sessions any more.
+        if self.shared.users.get(&user).is_none() {
+            return Err(Error::remote(
+                ErrorCode::AuthFailed,
+                "session expired or logged out: log in again",
+            ));
+        }
         self.user = Some(user.clone());
         self.token = Some(token);
         self.conn.write_ok(&UserReply { user }).await?;
@@ -635,13 +964,72 @@ impl Handler {
         }
         self.user = None;
         self.upload = None;
-        self.conn.write_ok(&Done {}).await?;
+        self.done().await
+    }
+
+    async fn passwd_start(&mut self, client_first: &str) -> Result<Outcome> {
+        let user = self.logged_in_user()?;
+        self.passwd = None;
+        let exchange = self.scram_start(client_first)?;
+        if exchange.user != user {
+            return Err(Error::remote(
+                ErrorCode::BadRequest,
+                format!("passwd_start names {:?}, not the logged-in user", exchange.user),
+            ));
+        }
+        let message = exchange.server_first.message();
+        self.passwd = Some(exchange);
+        self.conn
+            .write_ok(&AuthReply {
+                message,
+                token: None,
+                user: None,
+            })
+            .await?;
         Ok(Outcome::default())
     }
 
-    /// Failed logins count against the user name and the client's address.
-    fn throttle_keys(&self, user: &str) -> Vec<String> {
-        vec![format!("user:{user}"), format!("addr:{}", self.peer.ip())]
+    async fn passwd_finish(
+        &mut self,
+        client_final: &str,
+        verifier: Verifier,
+        keep_sessions: bool,
+    ) -> Result<Outcome> {
+        let user = self.logged_in_user()?;
+        let Some(exchange) = self.passwd.take() else {
+            return Err(Error::remote(
+                ErrorCode::BadRequest,
+                "passwd_finish without passwd_start",
+            ));
+        };
+        let (_, server_final) = Self::scram_finish(exchange, client_final)?;
+        let shared = self.shared.clone();
+        let name = user.clone();
+        let old_token = self.token.clone();
+        let token = blocking(move || {
+            shared
+                .users
+                .set_verifier(&name, verifier, None)
+                .map_err(user_table_error)?;
+            let token = shared.sessions.create(&name)?;
+            if !keep_sessions {
+                shared.sessions.revoke_user_except(&name, &token)?;
+            } else if let Some(old) = old_token {
+                shared.sessions.revoke(&old)?;
+            }
+            Ok(token)
+        })
+        .await?;
+        info!(user, keep_sessions, "password changed");
+        self.token = Some(token.clone());
+        self.conn
+            .write_ok(&AuthReply {
+                message: server_final,
+                token: Some(token),
+                user: Some(user),
+            })
+            .await?;
+        Ok(Outcome::default())
     }
 
     fn logged_in_user(&self) -> Result<String> {
@@ -650,26 +1038,49 @@ impl Handler {
             .ok_or_else(|| Error::remote(ErrorCode::NotLoggedIn, "not logged in: log in first"))
     }
 
-    async fn list(&mut self, partial: bool) -> Result<Outcome> {
+    /// One page of a folder (or of the staged uploads), as a JSON body.
+    async fn list(
+        &mut self,
+        path: &str,
+        partial: bool,
+        after: Option<String>,
+        limit: Option<u32>,
+    ) -> Result<Outcome> {
         let user = self.logged_in_user()?;
-        self.settle().await?;
+        let limit = limit.unwrap_or(MAX_LIST_PAGE).clamp(1, MAX_LIST_PAGE) as usize;
         let storage = self.shared.storage.clone();
-        let (count, body) = blocking(move || {
-            let json = if partial {
-                let entries = storage.list_partial(&user)?;
-                (entries.len(), serde_json::to_vec(&entries))
-            } else {
-                let entries = storage.list(&user)?;
-                (entries.len(), serde_json::to_vec(&entries))
-            };
-            Ok((json.0, json.1.map_err(|e| Error::Invalid(e.to_string()))?))
-        })
-        .await?;
+        let (count, body, next) = if partial {
+            let entries: Vec<PartialEntry> = storage
+                .list_partial(&user)
+                .await?
+                .into_iter()
+                .filter(|p| after.as_deref().is_none_or(|after| p.path.as_str() > after))
+                .take(limit + 1)
+                .map(|p| PartialEntry {
+                    name: p.path,
+                    received: p.received,
+                    size: p.size,
+                    updated: iso8601(p.updated),
+                })
+                .collect();
+            let mut entries = entries;
+            let next = (entries.len() > limit).then(|| {
+                entries.truncate(limit);
+                entries.last().map(|e| e.name.clone()).unwrap_or_default()
+            });
+            (entries.len(), to_json(&entries)?, next)
+        } else {
+            let page = storage.list(&user, path, after.as_deref(), limit).await?;
+            let entries: Vec<FileEntry> = page.entries.into_iter().map(file_entry).collect();
+            (entries.len(), to_json(&entries)?, page.next)
+        };
+        // Replies written so far may be acknowledgments waiting for durability.
+        self.settle().await?;
         self.conn
             .write_ok(&ListReply {
                 count,
-                next: None,
                 filesize: body.len() as u64,
+                next,
             })
             .await?;
         self.conn.write_body(&body).await?;
@@ -679,55 +1090,144 @@ impl Handler {
         })
     }
 
-    async fn put(&mut self, filename: String, size: u64, restart: bool) -> Result<Outcome> {
+    async fn stat(&mut self, path: &str, digest: bool) -> Result<Outcome> {
         let user = self.logged_in_user()?;
+        let entry = self.shared.storage.stat(&user, path).await?;
+        let mut reply = file_entry(entry);
+        if digest && reply.kind == EntryType::File {
+            let file = self.shared.storage.open(&user, path).await?;
+            reply.digest = Some(file_digest(file.chunks()).to_hex().to_string());
+        }
+        self.conn.write_ok(&reply).await?;
+        Ok(Outcome::default())
+    }
+
+    async fn remove(&mut self, path: &str, recursive: bool, partial: bool) -> Result<Outcome> {
+        let user = self.logged_in_user()?;
+        if partial {
+            self.shared.storage.remove_partial(&user, path).await?;
+            return self.done().await;
+        }
+        let removed = self.shared.storage.remove(&user, path, recursive).await?;
+        self.conn
+            .write_ok(&RmReply {
+                files: removed.files,
+                bytes: removed.bytes,
+            })
+            .await?;
+        Ok(Outcome::default())
+    }
+
+    async fn usage(&mut self) -> Result<Outcome> {
+        let user = self.logged_in_user()?;
+        let usage = self.shared.storage.usage(&user).await?;
+        self.conn
+            .write_ok(&UsageReply {
+                files: usage.files,
+                bytes: usage.file_bytes,
+                versions: usage.versions,
+                version_bytes: usage.version_bytes,
+                staged_bytes: usage.staged.iter().map(|(_, size)| size).sum(),
+                quota: self.shared.config.quota,
+            })
+            .await?;
+        Ok(Outcome::default())
+    }
+
+    async fn versions(&mut self, path: &str) -> Result<Outcome> {
+        let user = self.logged_in_user()?;
+        let versions = self.shared.storage.versions(&user, path).await?;
+        let reply = VersionsReply {
+            versions: versions
+                .into_iter()
+                .map(|v| VersionEntry {
+                    id: v.id,
+                    kind: entry_type(v.kind),
+                    size: v.size,
+                    replaced: iso8601(v.replaced),
+                })
+                .collect(),
+        };
+        self.conn.write_ok(&reply).await?;
+        Ok(Outcome::default())
+    }
+
+    async fn put(
+        &mut self,
+        path: String,
+        size: u64,
+        restart: bool,
+        digest: Option<String>,
+    ) -> Result<Outcome> {
+        let user = self.logged_in_user()?;
+        let path = canonical_path(&path)?;
         self.upload = None; // a new put abandons (but keeps staged) any earlier one
         let storage = self.shared.storage.clone();
-        let quota = self.shared.config.quota;
-        // Small files join the group commit; large ones sync as they go and can resume.
-        let durability = if size <= GROUP_COMMIT_FILE_MAX {
-            Durability::Batched
-        } else {
-            Durability::EachUpload
-        };
-        let upload = blocking(move || {
-            if let Some(quota) = quota {
-                check_quota(storage.as_ref(), &user, &filename, size, quota)?;
+        if let Some(digest) = digest {
+            // Already there with the same content: nothing to send (like rsync).
+            if let Ok(file) = storage.open(&user, &path).await {
+                let same = file.size() == size
+                    && file_digest(file.chunks())
+                        .to_hex()
+                        .as_str()
+                        .eq_ignore_ascii_case(&digest);
+                if same {
+                    self.conn
+                        .write_ok(&PutReply {
+                            offset: size,
+                            missing: Vec::new(),
+                            unchanged: true,
+                        })
+                        .await?;
+                    return Ok(Outcome::default());
+                }
             }
-            storage.begin_upload(&user, &filename, size, restart, durability)
-        })
-        .await?;
-        self.upload_deferred = durability == Durability::Batched;
+        }
+        let (upload, reservation) = match self.shared.config.quota {
+            Some(quota) => {
+                let (reservation, mut book) =
+                    reserve_quota(&self.shared, &user, &path, size, quota).await?;
+                let upload = storage.begin_upload(&user, &path, size, restart).await?;
+                book.insert(reservation.id, (path.clone(), size));
+                (upload, Some(reservation))
+            }
+            None => (
+                storage.begin_upload(&user, &path, size, restart).await?,
+                None,
+            ),
+        };
         let reply = PutReply {
             offset: upload.offset(),
             missing: upload.missing(),
             unchanged: false,
         };
-        self.upload = Some(upload);
+        self.upload = Some(ActiveUpload {
+            upload,
+            _reservation: reservation,
+        });
         self.conn.write_ok(&reply).await?;
         Ok(Outcome::default())
     }
 
     async fn put_data(&mut self, offset: u64, filesize: u64) -> Result<Outcome> {
-        // The storage accepts the rest of the file, or missing chunks it asked for.
-        let refusal = match self.upload.as_mut() {
-            None => Some(Error::remote(ErrorCode::BadRequest, "put_data without put")),
-            Some(upload) => upload.start_write(offset, filesize).err(),
+        let started = match self.upload.as_mut() {
+            None => Err(Error::remote(ErrorCode::BadRequest, "put_data without put")),
+            Some(active) => active.upload.start_write(offset, filesize),
         };
-        if let Some(refusal) = refusal {
-            // Stay in step with the client: the body follows the header regardless.
-            self.conn.skip_body(filesize).await?;
-            return Err(refusal);
-        }
-        let upload = self.upload.take().expect("checked above");
-        // On a lost connection, receive_body returns only once the upload is dropped, so
-        // its name is free and its staged files settled before this connection ends.
-        let sink = receive_body(&mut self.conn, filesize, UploadSink(upload), &mut |_| {}).await?;
-        let received = sink.0.offset();
-        self.upload = Some(sink.0);
+        started?; // a refusal's body is skipped by the caller
+        self.body_left = 0;
+        let mut active = self.upload.take().expect("checked above");
+        let received = self.receive_into(&mut active.upload, filesize).await;
+        // On a lost connection the writes in flight finish before the upload is dropped,
+        // so its name is free and its staged files settled when this connection ends.
+        let finished = active.upload.finish_writes().await;
+        received?;
+        finished?;
+        let offset = active.upload.offset();
+        self.upload = Some(active);
         self.conn
             .write_ok(&PutReply {
-                offset: received,
+                offset,
                 missing: Vec::new(),
                 unchanged: false,
             })
@@ -738,22 +1238,44 @@ impl Handler {
         })
     }
 
-    async fn put_commit(&mut self, digest: String, filesize: Option<u64>) -> Result<Outcome> {
-        let Some(upload) = self.upload.take() else {
-            if let Some(len) = filesize {
-                self.conn.skip_body(len).await?;
+    /// Move `len` body bytes into `upload`. The socket is waited on here, on the async
+    /// side, holding no buffer: a stalled sender costs no thread and little memory. If
+    /// the upload fails, the rest of the body is skipped so the connection stays in step.
+    async fn receive_into(&mut self, upload: &mut Box<dyn Upload>, len: u64) -> Result<()> {
+        let mut remaining = len;
+        while remaining > 0 {
+            self.conn.wait_readable().await?;
+            let mut buf = self.shared.buffers.get();
+            let want = buf.len().min(remaining as usize);
+            let n = self.conn.read_body_some(&mut buf[..want]).await?;
+            remaining -= n as u64;
+            match upload.write(buf, n).await {
+                Ok(Some(done)) => self.shared.buffers.put(done),
+                Ok(None) => {}
+                Err(e) => {
+                    self.conn.skip_body(remaining).await?;
+                    return Err(e);
+                }
             }
+        }
+        Ok(())
+    }
+
+    async fn put_commit(&mut self, digest: String, filesize: Option<u64>) -> Result<Outcome> {
+        let Some(active) = self.upload.take() else {
             return Err(Error::remote(
                 ErrorCode::BadRequest,
                 "put_commit without a complete put",
             ));
         };
+        let upload = &active.upload;
         // The body, if any: the sender's chunk hashes. Read into memory only when all the
         // data is staged, so its length is bounded by what actually arrived.
         let expected = upload.size().div_ceil(CHUNK_SIZE) * 32;
         let chunks = match filesize {
             Some(len) if len == expected && upload.offset() == upload.size() => {
                 let mut body = vec![0u8; len as usize];
+                self.body_left = 0;
                 self.conn.read_body(&mut body).await?;
                 let chunks: Vec<ChunkHash> = body
                     .chunks_exact(32)
@@ -761,29 +1283,47 @@ impl Handler {
                     .collect();
                 Some(chunks)
             }
-            Some(len) => {
-                self.conn.skip_body(len).await?;
-                if len != expected {
-                    return Err(Error::remote(
-                        ErrorCode::BadRequest,
-                        format!("put_commit: {len} bytes of chunk hashes, expected {expected}"),
-                    ));
-                }
-                None // incomplete: the commit says so
+            Some(len) if len != expected => {
+                return Err(Error::remote(
+                    ErrorCode::BadRequest,
+                    format!("put_commit: {len} bytes of chunk hashes, expected {expected}"),
+                ));
             }
-            None => None,
+            _ => None, // incomplete: the commit says so (a body is skipped by the caller)
         };
-        let reply = blocking(move || upload.commit(&digest, chunks.as_deref())).await?;
-        if self.upload_deferred {
-            self.unsynced_commits += 1;
+        let ActiveUpload {
+            upload,
+            _reservation: reservation,
+        } = active;
+        let committed = upload.commit(&digest, chunks).await?;
+        drop(reservation); // the file itself counts now
+        let mut pruned = 0;
+        if let (Some(quota), Some(user)) = (self.shared.config.quota, self.user.clone()) {
+            // The replaced file became a version: old versions make room for it.
+            let usage = self.shared.storage.usage(&user).await?;
+            if usage.total() > quota {
+                let (count, _) = self
+                    .shared
+                    .storage
+                    .prune_versions(&user, usage.total() - quota)
+                    .await?;
+                pruned = count;
+            }
         }
-        self.conn.write_ok(&reply).await?;
+        self.unsynced.push(committed.durable);
+        self.conn
+            .write_ok(&CommitReply {
+                size: committed.size,
+                digest: committed.digest,
+                pruned_versions: pruned,
+            })
+            .await?;
         Ok(Outcome::default())
     }
 
     async fn get(
         &mut self,
-        filename: String,
+        path: String,
         offset: u64,
         check_chunk: Option<String>,
     ) -> Result<Outcome> {
@@ -794,88 +1334,154 @@ impl Handler {
                 format!("offset {offset} is not a multiple of the chunk size {CHUNK_SIZE}"),
             ));
         }
+        let file = self.shared.storage.open(&user, &path).await?;
+        let (offset, restart_reason) =
+            resume_offset(offset, check_chunk.as_deref(), file.chunks(), file.size());
+        let filesize = file.size() - offset;
+        let reply = GetReply {
+            size: file.size(),
+            digest: file_digest(file.chunks()).to_hex().to_string(),
+            modified: iso8601(file.modified()),
+            offset,
+            filesize,
+            restart_reason,
+        };
         // A body larger than the output buffer would push waiting acknowledgments out.
         self.settle().await?;
-        let storage = self.shared.storage.clone();
-        // One blocking task opens, positions and (for a small file) reads the body, so a
-        // small file costs one hop to the blocking pool.
-        let (reply, body) = blocking(move || {
-            let file = storage.open_file(&user, &filename)?;
-            let (offset, restart_reason) =
-                resume_offset(offset, check_chunk.as_deref(), &file.chunks, file.size);
-            let mut reader = file.reader;
-            reader.seek(SeekFrom::Start(offset))?;
-            let filesize = file.size - offset;
-            let body = if filesize <= IO_BUFFER_SIZE as u64 {
-                let mut bytes = Vec::with_capacity(filesize as usize);
-                reader.take(filesize).read_to_end(&mut bytes)?;
-                if bytes.len() as u64 != filesize {
-                    return Err(Error::Invalid("the file shrank while it was read".into()));
-                }
-                Body::Small(bytes)
-            } else {
-                Body::Streamed(reader)
-            };
-            let reply = GetReply {
-                size: file.size,
-                digest: crate::digest::file_digest(&file.chunks)
-                    .to_hex()
-                    .to_string(),
-                modified: iso8601(file.modified),
-                offset,
-                filesize,
-                restart_reason,
-            };
-            Ok((reply, body))
-        })
-        .await?;
         self.conn.write_ok(&reply).await?;
-        match body {
-            Body::Small(bytes) => self.conn.write_body(&bytes).await?,
-            Body::Streamed(reader) => {
-                send_body(
-                    &mut self.conn,
-                    reply.filesize,
-                    FileSource(reader),
-                    &mut |_| {},
-                )
-                .await?;
-            }
-        }
+        self.send_file(file, offset, filesize).await?;
         Ok(Outcome {
-            bytes: reply.filesize,
+            bytes: filesize,
             close: false,
         })
     }
+
+    /// Stream `len` bytes of `file` from `offset`, reading the next block while the
+    /// current one is sent. A reader that stops reading blocks only this task.
+    async fn send_file(&mut self, file: Arc<dyn FileRead>, offset: u64, len: u64) -> Result<()> {
+        let end = offset + len;
+        let read = |at: u64, buffers: &BufferPool| {
+            let file = file.clone();
+            let buf = buffers.get();
+            tokio::spawn(async move { file.read_at(at, buf).await })
+        };
+        let mut at = offset;
+        let mut next = (at < end).then(|| read(at, &self.shared.buffers));
+        while let Some(pending) = next.take() {
+            let (buf, n) = pending
+                .await
+                .map_err(|e| Error::remote(ErrorCode::Internal, e.to_string()))??;
+            let n = n.min((end - at) as usize);
+            if n == 0 {
+                return Err(Error::Invalid("the file shrank while it was sent".into()));
+            }
+            at += n as u64;
+            if at < end {
+                next = Some(read(at, &self.shared.buffers));
+            }
+            let sent = self.conn.write_body(&buf[..n]).await;
+            self.shared.buffers.put(buf);
+            sent?;
+        }
+        Ok(())
+    }
 }
 
-/// Refuse an upload that would take the user's stored bytes (complete files, plus the
-/// announced sizes of other unfinished uploads) over `quota`. The file being replaced
-/// does not count.
-fn check_quota(storage: &dyn Storage, user: &str, name: &str, size: u64, quota: u64) -> Result<()> {
-    let stored: u64 = storage
-        .list(user)?
-        .iter()
-        .filter(|file| file.name != name)
-        .map(|file| file.size)
+/// Reserve quota for an upload of `size` bytes to `path`: the user's files, versions,
+/// staged uploads and other uploads in progress, plus this one, must fit. Versions are
+/// deleted oldest first to make room (the file being replaced will become one).
+async fn reserve_quota(
+shared: &Shared,
+user: &str,
+    path: &str,
+    size: u64,
+    quota: u64,
+) -> Result<(Reservation, tokio::sync::OwnedMutexGuard<HashMap<u64, (String, u64)>>)> {
+    let book = shared.quota.book(user);
+    let guard = book.clone().lock_owned().await;
+    let storage = &shared.storage;
+    let replaced = match storage.stat(user, path).await {
+        Ok(entry) if entry.kind == Kind::File => entry.size,
+        _ => 0,
+    };
+    let mut usage = storage.usage(user).await?;
+    let in_flight: u64 = guard
+        .values()
+        .filter(|(p, _)| p != path)
+        .map(|(_, s)| s)
         .sum();
-    let staged: u64 = storage
-        .list_partial(user)?
+    // A staged upload of a path in flight is already counted by its reservation.
+    let staged: u64 = usage
+        .staged
         .iter()
-        .filter(|partial| partial.name != name)
-        .map(|partial| partial.size)
+        .filter(|(p, _)| p != path && !guard.values().any(|(q, _)| q == p))
+        .map(|(_, s)| s)
         .sum();
-    let used = stored + staged;
-    if used.saturating_add(size) > quota {
+    let mut used = usage.file_bytes + usage.version_bytes + staged + in_flight;
+    let fixed = used - usage.version_bytes - replaced.min(usage.file_bytes);
+    if fixed.saturating_add(size) > quota {
         return Err(Error::remote(
             ErrorCode::NoSpace,
             format!(
-                "quota exceeded: {name} needs {size} bytes, {} of your {quota}-byte quota are free",
-                quota.saturating_sub(used)
+                "quota exceeded: {path} needs {size} bytes, {} of your {quota}-byte quota are free",
+                quota.saturating_sub(fixed)
             ),
         ));
     }
-    Ok(())
+    if used.saturating_add(size) > quota {
+        let (count, freed) = storage
+            .prune_versions(user, used + size - quota)
+            .await?;
+        info!(user, count, freed, "deleted old versions to stay within the quota");
+        usage = storage.usage(user).await?;
+        used = usage.file_bytes + usage.version_bytes + staged + in_flight;
+        let _ = used;
+    }
+    let id = shared
+        .quota
+        .next_id
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok((Reservation { book, id }, guard))
+}
+
+/// The body length a header announces: `filesize` if present. A `filesize` that is not a
+/// u64 leaves the connection out of step: it is closed.
+fn announced_body(header: &Map<String, Value>) -> Result<u64> {
+    match header.get("filesize") {
+        None | Some(Value::Null) => Ok(0),
+        Some(value) => value.as_u64().ok_or_else(|| {
+            Error::Protocol("filesize must be a whole number of bytes".into())
+        }),
+    }
+}
+
+fn is_disconnect(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof | TimedOut
+    )
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|e| Error::Invalid(e.to_string()))
+}
+
+fn entry_type(kind: Kind) -> EntryType {
+    match kind {
+        Kind::File => EntryType::File,
+        Kind::Dir => EntryType::Dir,
+    }
+}
+
+fn file_entry(entry: Entry) -> FileEntry {
+    FileEntry {
+        name: entry.name,
+        kind: entry_type(entry.kind),
+        size: entry.size,
+        modified: iso8601(entry.modified),
+        digest: None,
+    }
 }
 
 /// Where a download continues: the client's offset if its partial copy can be a prefix
@@ -902,30 +1508,6 @@ fn resume_offset(
             Some("the local copy does not match the file on the server".into()),
         ),
         _ => (offset, None),
-    }
-}
-
-/// A staged upload receiving a body; the sender half signals (by being dropped) that the
-/// upload is no longer in use.
-struct UploadSink(Box<dyn StagedUpload>);
-
-impl BodySink for UploadSink {
-    fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        self.0.write(bytes)
-    }
-}
-
-/// A download's body: read already (small files), or streamed from the file.
-enum Body {
-    Small(Vec<u8>),
-    Streamed(Box<dyn FileReader>),
-}
-
-struct FileSource(Box<dyn FileReader>);
-
-impl BodySource for FileSource {
-    fn read(&mut self, buf: &mut [u8]) -> Result<usize> {
-        Ok(self.0.read(buf)?)
     }
 }
 

@@ -4,7 +4,7 @@
 //! runs on a blocking thread. A few large buffers circulate between the two, so disk IO,
 //! hashing and socket IO overlap and no buffer is allocated per chunk.
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex};
 
 use crate::error::{Error, ErrorCode, Result};
 use crate::protocol::{Connection, IO_BUFFER_SIZE};
@@ -141,4 +141,32 @@ async fn join<T>(worker: tokio::task::JoinHandle<Result<T>>) -> Result<T> {
     worker
         .await
         .map_err(|e| Error::remote(ErrorCode::Internal, format!("transfer worker failed: {e}")))?
+}
+
+/// Body buffers shared by all transfers of a server: a transfer takes one only when bytes
+/// are ready to move and gives it back right after, so idle or stalled transfers hold
+/// none, and buffers are reused rather than allocated per block.
+#[derive(Default)]
+pub struct BufferPool {
+    idle: Mutex<Vec<Vec<u8>>>,
+}
+
+/// Idle buffers kept for reuse (16 MiB); more are freed.
+const POOL_IDLE_MAX: usize = 64;
+
+impl BufferPool {
+    pub fn get(&self) -> Vec<u8> {
+        let reused = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        reused.unwrap_or_else(|| vec![0u8; IO_BUFFER_SIZE])
+    }
+
+    pub fn put(&self, buf: Vec<u8>) {
+        if buf.len() != IO_BUFFER_SIZE {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < POOL_IDLE_MAX {
+            idle.push(buf);
+        }
+    }
 }
