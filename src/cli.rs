@@ -62,7 +62,9 @@ enum Command {
         user: String,
     },
     /// Log in and save a session token (never the password) for later commands
-    Login { user: String },
+    Login {
+        user: String,
+    },
     /// End the saved session (on the server too)
     Logout,
     /// List a remote folder: size, modified time, name (folders end with '/')
@@ -220,6 +222,7 @@ enum Command {
     /// Interactive prompt over one connection: register, login and the file commands
     /// above (ls, put, get, mkdir, rm, mv, ...), help, quit
     Shell,
+    Admin(netdisk::admin::AdminArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -305,6 +308,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Serve(args) = cli.command {
         return serve(args, cli.no_tls, secret).await;
     }
+    if let Command::Admin(args) = cli.command {
+        return netdisk::admin::run(args);
+    }
     let tls = match (cli.no_tls, cli.ca) {
         (true, _) => {
             ui.say("warning: --no-tls: this connection is not encrypted (the password still never crosses it)");
@@ -321,7 +327,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ui,
     };
     match cli.command {
-        Command::Serve(_) => unreachable!("handled above"),
+        Command::Serve(_) | Command::Admin(_) => unreachable!("handled above"),
         Command::Register { user } => {
             let mut client = remote.connect().await?;
             let password = new_password(&user)?;

@@ -20,6 +20,7 @@
 //! - [`conncheck`]: the optional shared-secret HMAC check at connection start.
 //! - [`config`]: the client's saved logins under the user's config folder.
 
+pub mod admin;
 pub mod client;
 pub mod config;
 pub mod conncheck;
@@ -29,6 +30,7 @@ pub mod error;
 pub mod limits;
 pub mod names;
 pub mod protocol;
+pub mod rootlock;
 pub mod scram;
 pub mod server;
 pub mod sessions;

@@ -35,13 +35,13 @@ use crate::protocol::{
 use crate::scram::{self, ServerFirst, Verifier};
 use crate::sessions::SessionStore;
 use crate::storage::{
-    canonical_path, iso8601, Durable, Entry, FileRead, Kind, LocalStorage, Storage,
-    StorageOptions, Upload,
+    canonical_path, iso8601, Durable, Entry, FileRead, Kind, LocalStorage, Storage, StorageOptions,
+    Upload,
 };
 use crate::throttle::{LoginAttempt, LoginThrottle};
 use crate::tls::{self, ServerTls};
 use crate::transfer::BufferPool;
-use crate::users::{now_iso8601, UserRecord, UserTable, UserTableError};
+use crate::users::{now_iso8601, unix_seconds, UserRecord, UserTable, UserTableError};
 
 /// Most acknowledgments held back for one group commit.
 const GROUP_COMMIT_MAX: usize = 64;
@@ -128,6 +128,9 @@ struct Shared {
 pub struct Server {
     listener: TcpListener,
     shared: Arc<Shared>,
+    /// ROOT/netdisk.lock, held while this server serves (released when `run` returns,
+    /// even if connections still hold the shared state, so a restart can take it).
+    _root_lock: crate::rootlock::RootLock,
 }
 
 impl Server {
@@ -152,17 +155,35 @@ impl Server {
             Err(e) => warn!(error = %e, "cannot read the open-file limit"),
         }
         let root = config.root.clone();
-        let shared = tokio::task::spawn_blocking(move || open_root(&root, config))
-            .await
-            .map_err(|e| Error::Invalid(e.to_string()))??;
+        let (root_lock, shared) = tokio::task::spawn_blocking(move || {
+            let lock = crate::rootlock::acquire(&root)?;
+            Ok::<_, Error>((lock, open_root(&root, config)?))
+        })
+        .await
+        .map_err(|e| Error::Invalid(e.to_string()))??;
         let listener = TcpListener::bind(&shared.config.listen)
             .await
             .map_err(|e| {
                 Error::Invalid(format!("cannot listen on {}: {e}", shared.config.listen))
             })?;
+        let shared = Arc::new(shared);
+        // Logins are recorded in memory; write them every minute (and at drop).
+        let weak = Arc::downgrade(&shared);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                let Some(shared) = weak.upgrade() else { return };
+                let flushed =
+                    blocking(move || shared.users.flush_logins().map_err(user_table_error));
+                if let Err(e) = flushed.await {
+                    warn!(error = %e, "cannot write last logins to the user table");
+                }
+            }
+        });
         Ok(Server {
             listener,
-            shared: Arc::new(shared),
+            shared,
+            _root_lock: root_lock,
         })
     }
 
@@ -420,9 +441,8 @@ impl RateLimiter {
         let mut buckets = self.buckets.lock().unwrap();
         if buckets.len() > 10_000 {
             // Full buckets are the default: forgetting them loses nothing.
-            buckets.retain(|_, (tokens, at)| {
-                *tokens + refill(*at, now) < REGISTRATION_BURST as f64
-            });
+            buckets
+                .retain(|_, (tokens, at)| *tokens + refill(*at, now) < REGISTRATION_BURST as f64);
         }
         let (tokens, at) = buckets
             .entry(ip)
@@ -832,6 +852,8 @@ impl Handler {
             registered_at: now_iso8601(),
             last_login: None,
             verifier,
+            disabled: false,
+            sessions_after: None,
         };
         let shared = self.shared.clone();
         let name = user.clone();
@@ -922,10 +944,43 @@ impl Handler {
             ));
         };
         let (name, server_final) = Self::scram_finish(exchange, client_final)?;
-        // A full disk must not stop logins: the login time is best effort.
-        if let Err(e) = self.shared.users.record_login(&name, &now_iso8601()) {
-            warn!(user = name, error = %e, "cannot record the login time");
-        }
+        // Only after a correct proof, so it tells a guesser nothing. The row is read
+        // again: an administrator may have changed it during the exchange.
+        let sessions_after = match self.shared.users.get(&name) {
+            Some(record) if record.disabled => {
+                return Err(Error::remote(
+                    ErrorCode::AuthFailed,
+                    "account disabled: ask the server's administrator",
+                ))
+            }
+            Some(record) => record.sessions_after,
+            None => {
+                return Err(Error::remote(
+                    ErrorCode::AuthFailed,
+                    "wrong user name or password",
+                ))
+            }
+        };
+        // A full disk must not stop logins: the login time is best effort (kept in
+        // memory and written with the next successful table write or flush).
+        let shared = self.shared.clone();
+        let user = name.clone();
+        blocking(move || {
+            let recorded = shared.users.record_login(&user, &now_iso8601());
+            if let Err(e) = recorded.and_then(|()| shared.users.flush_logins().map(|_| ())) {
+                warn!(user, error = %e, "cannot record the login time");
+            }
+            // Session times are whole seconds: wait out a revocation made this second, or
+            // the new session would count as revoked (at most a second, once).
+            if let Some(after) = sessions_after.as_deref().and_then(unix_seconds) {
+                let wait = after - time::OffsetDateTime::now_utc().unix_timestamp();
+                if (1..=2).contains(&wait) {
+                    std::thread::sleep(Duration::from_secs(wait as u64));
+                }
+            }
+            Ok(())
+        })
+        .await?;
         self.shared.storage.create_user(&name).await?;
         let shared = self.shared.clone();
         let user = name.clone();
@@ -943,13 +998,20 @@ impl Handler {
     }
 
     async fn auth_token(&mut self, token: String) -> Result<Outcome> {
-        let (user, _created) = self.shared.sessions.session_of(&token)?;
-        // A user removed from the table by hand has no sessions any more.
-        if self.shared.users.get(&user).is_none() {
-            return Err(Error::remote(
-                ErrorCode::AuthFailed,
-                "session expired or logged out: log in again",
-            ));
+        let (user, created) = self.shared.sessions.session_of(&token)?;
+        let refused = |message: &str| Err(Error::remote(ErrorCode::AuthFailed, message));
+        match self.shared.users.get(&user) {
+            // A user removed from the table (by hand or `admin delete`) has no sessions.
+            None => return refused("session expired or logged out: log in again"),
+            Some(record) if record.disabled => {
+                return refused("account disabled: ask the server's administrator")
+            }
+            Some(record) => {
+                let after = record.sessions_after.as_deref().and_then(unix_seconds);
+                if after.is_some_and(|after| (created as i64) < after) {
+                    return refused("session ended by the server's administrator: log in again");
+                }
+            }
         }
         self.user = Some(user.clone());
         self.token = Some(token);
@@ -974,7 +1036,10 @@ impl Handler {
         if exchange.user != user {
             return Err(Error::remote(
                 ErrorCode::BadRequest,
-                format!("passwd_start names {:?}, not the logged-in user", exchange.user),
+                format!(
+                    "passwd_start names {:?}, not the logged-in user",
+                    exchange.user
+                ),
             ));
         }
         let message = exchange.server_first.message();
@@ -1391,12 +1456,15 @@ impl Handler {
 /// staged uploads and other uploads in progress, plus this one, must fit. Versions are
 /// deleted oldest first to make room (the file being replaced will become one).
 async fn reserve_quota(
-shared: &Shared,
-user: &str,
+    shared: &Shared,
+    user: &str,
     path: &str,
     size: u64,
     quota: u64,
-) -> Result<(Reservation, tokio::sync::OwnedMutexGuard<HashMap<u64, (String, u64)>>)> {
+) -> Result<(
+    Reservation,
+    tokio::sync::OwnedMutexGuard<HashMap<u64, (String, u64)>>,
+)> {
     let book = shared.quota.book(user);
     let guard = book.clone().lock_owned().await;
     let storage = &shared.storage;
@@ -1429,10 +1497,11 @@ user: &str,
         ));
     }
     if used.saturating_add(size) > quota {
-        let (count, freed) = storage
-            .prune_versions(user, used + size - quota)
-            .await?;
-        info!(user, count, freed, "deleted old versions to stay within the quota");
+        let (count, freed) = storage.prune_versions(user, used + size - quota).await?;
+        info!(
+            user,
+            count, freed, "deleted old versions to stay within the quota"
+        );
         usage = storage.usage(user).await?;
         used = usage.file_bytes + usage.version_bytes + staged + in_flight;
         let _ = used;
@@ -1449,9 +1518,9 @@ user: &str,
 fn announced_body(header: &Map<String, Value>) -> Result<u64> {
     match header.get("filesize") {
         None | Some(Value::Null) => Ok(0),
-        Some(value) => value.as_u64().ok_or_else(|| {
-            Error::Protocol("filesize must be a whole number of bytes".into())
-        }),
+        Some(value) => value
+            .as_u64()
+            .ok_or_else(|| Error::Protocol("filesize must be a whole number of bytes".into())),
     }
 }
 

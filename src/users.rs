@@ -7,10 +7,18 @@
 //!
 //! Every change rewrites the whole file atomically (temp file, fsync, rename,
 //! fsync of the folder), so a crash leaves either the old or the new table.
+//!
+//! `netdisk admin` edits the same file while the server runs. Every writer holds an
+//! exclusive flock on `users.xlsx.lock` (beside the table) for its whole
+//! read-change-write, and first reloads the file if another process replaced it;
+//! readers notice a replaced file by its stamp (size, mtime, inode) on each lookup.
+//! `last_login` is kept in memory and written in batches ([`UserTable::flush_logins`]),
+//! so a login never depends on a table write succeeding.
 
 use std::collections::BTreeMap;
-use std::fs::{self, OpenOptions};
-use std::io::{Cursor, Write};
+use std::fs::{self, File, OpenOptions};
+use std::io::{Cursor, Read, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -24,12 +32,14 @@ use time::OffsetDateTime;
 
 use crate::durable::sync_dir;
 use crate::names::check_user_name;
+use crate::rootlock::lock_file;
 use crate::scram::{Verifier, MIN_ITERATIONS};
 
 /// Name of the only worksheet.
 pub const SHEET: &str = "users";
-/// The header row, exactly.
-pub const HEADER: [&str; 7] = [
+/// The header row, exactly. Tables written before the last two columns existed
+/// ([`OLD_COLUMNS`] columns) still load, with those two empty.
+pub const HEADER: [&str; 9] = [
     "name",
     "registered_at",
     "last_login",
@@ -37,7 +47,11 @@ pub const HEADER: [&str; 7] = [
     "scram_iterations",
     "scram_stored_key",
     "scram_server_key",
+    "disabled",
+    "sessions_after",
 ];
+/// Columns of a table written before `disabled` and `sessions_after` were added.
+pub const OLD_COLUMNS: usize = 7;
 
 /// One user as stored in the table.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,6 +61,10 @@ pub struct UserRecord {
     pub registered_at: String,
     pub last_login: Option<String>,
     pub verifier: Verifier,
+    /// Logins with a password or a session are refused (`disabled` cell `yes`).
+    pub disabled: bool,
+    /// ISO 8601 UTC: sessions created before this instant are invalid.
+    pub sessions_after: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,22 +86,87 @@ pub enum UserTableError {
 
 /// Current time in UTC, second precision, `Z` suffix.
 pub fn now_iso8601() -> String {
-    let now = OffsetDateTime::now_utc();
-    let now = now.replace_nanosecond(0).unwrap_or(now);
-    now.format(&Rfc3339)
+    format_utc(OffsetDateTime::now_utc())
+}
+
+/// A `sessions_after` value that revokes every session created up to now: the next
+/// whole second, because session creation times are whole seconds.
+pub fn revocation_time() -> String {
+    format_utc(OffsetDateTime::now_utc() + time::Duration::SECOND)
+}
+
+fn format_utc(at: OffsetDateTime) -> String {
+    let at = at.replace_nanosecond(0).unwrap_or(at);
+    at.format(&Rfc3339)
         .expect("a UTC time of this era is always formattable")
 }
 
-/// All users in memory, persisted to one xlsx file. Cheap lookups; every change
-/// rewrites the file atomically.
+/// Seconds since the Unix epoch of an ISO 8601 timestamp (as stored in the table).
+pub fn unix_seconds(at: &str) -> Option<i64> {
+    OffsetDateTime::parse(at, &Rfc3339)
+        .ok()
+        .map(|t| t.unix_timestamp())
+}
+
+/// Which version of the file was read: a replaced file (new inode on every atomic
+/// write), a rewrite in place or a resize all change it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    size: u64,
+    mtime_ns: i128,
+    inode: u64,
+    dev: u64,
+}
+
+impl Stamp {
+    fn of(meta: &fs::Metadata) -> Stamp {
+        Stamp {
+            size: meta.size(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            inode: meta.ino(),
+            dev: meta.dev(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    users: BTreeMap<String, UserRecord>,
+    /// The file version `users` reflects (`None`: unknown, reload at the next chance).
+    loaded: Option<Stamp>,
+    /// The last version looked at, even one that failed to parse (warn once per version).
+    seen: Option<Stamp>,
+    /// Logins not written yet: name -> (registered_at, last_login). The registration
+    /// time keeps a login of a deleted account off a new account of the same name.
+    logins: BTreeMap<String, (String, String)>,
+}
+
+impl State {
+    /// Put the pending logins into `users` (after a reload or a write).
+    fn apply_logins(&self, users: &mut BTreeMap<String, UserRecord>) {
+        for (name, (registered_at, at)) in &self.logins {
+            if let Some(user) = users.get_mut(name) {
+                if &user.registered_at == registered_at {
+                    user.last_login = Some(at.clone());
+                }
+            }
+        }
+    }
+}
+
+/// All users in memory, persisted to one xlsx file that other processes may change
+/// too (under the lock file). Cheap lookups; every change rewrites the file atomically.
 pub struct UserTable {
     path: PathBuf,
-    /// The current table. Held only for lookups and the final swap, never during
-    /// file IO, so `get` stays cheap enough to call from async code.
-    users: Mutex<BTreeMap<String, UserRecord>>,
-    /// Held for a whole change (check, write, swap): writers are serialized, so
-    /// two never race on the file and a name check cannot go stale before its write.
+    lock_path: PathBuf,
+    /// Held only for lookups and swaps, never during file IO, so `get` stays cheap
+    /// enough to call from async code.
+    state: Mutex<State>,
+    /// Held for a whole change (check, write, swap): writers in this process are
+    /// serialized (the flock serializes processes), so a check cannot go stale.
     writer: Mutex<()>,
+    /// One reload at a time; lookups that find it taken use memory as it is.
+    reloading: Mutex<()>,
 }
 
 impl UserTable {
@@ -91,35 +174,95 @@ impl UserTable {
     /// the file (header row only). A file that exists but cannot be parsed is an
     /// error: better to refuse to start than to start empty and lose every user.
     pub fn open(path: &Path) -> Result<UserTable, UserTableError> {
-        let users = match fs::read(path) {
-            Ok(bytes) => parse(&bytes).map_err(|reason| UserTableError::Unreadable {
-                path: path.to_path_buf(),
-                reason,
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let empty = BTreeMap::new();
-                save(path, &empty)?;
-                empty
-            }
-            Err(e) => return Err(e.into()),
-        };
-        Ok(UserTable {
+        let mut lock_name = path.file_name().unwrap_or_default().to_os_string();
+        lock_name.push(".lock");
+        let table = UserTable {
             path: path.to_path_buf(),
-            users: Mutex::new(users),
+            lock_path: path.with_file_name(lock_name),
+            state: Mutex::new(State::default()),
             writer: Mutex::new(()),
-        })
+            reloading: Mutex::new(()),
+        };
+        // Locked, so two processes starting on a new root do not both create it.
+        let _lock = table.lock_file()?;
+        match read_table(path)? {
+            Some((stamp, bytes)) => {
+                let users = parse(&bytes).map_err(|reason| table.unreadable(reason))?;
+                let mut state = table.lock();
+                state.users = users;
+                state.loaded = Some(stamp);
+                state.seen = Some(stamp);
+            }
+            None => {
+                save(path, &BTreeMap::new())?;
+                let stamp = fs::metadata(path).ok().map(|m| Stamp::of(&m));
+                let mut state = table.lock();
+                state.loaded = stamp;
+                state.seen = stamp;
+            }
+        }
+        drop(_lock);
+        Ok(table)
     }
 
+    /// The user `name`, as of the latest version of the file (a stat per call; the
+    /// file is parsed only when another process replaced it).
     pub fn get(&self, name: &str) -> Option<UserRecord> {
-        self.lock().get(name).cloned()
+        self.refresh();
+        self.lock().users.get(name).cloned()
+    }
+
+    /// Every user, sorted by name.
+    pub fn list(&self) -> Vec<UserRecord> {
+        self.refresh();
+        self.lock().users.values().cloned().collect()
     }
 
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().users.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
+        self.lock().users.is_empty()
+    }
+
+    /// Reload the file if another process replaced it since it was last read.
+    /// `Ok(true)` if memory changed. A file that does not parse leaves memory as it
+    /// was (the error is reported once per version of the file).
+    pub fn reload_if_changed(&self) -> Result<bool, UserTableError> {
+        let Ok(_reloading) = self.reloading.try_lock() else {
+            return Ok(false);
+        };
+        self.reload(false)
+    }
+
+    fn refresh(&self) {
+        if let Err(e) = self.reload_if_changed() {
+            tracing::warn!(error = %e, "user table changed on disk but cannot be reloaded; using the previous version");
+        }
+    }
+
+    /// `strict` (writers): reload even a version that failed before, so the error
+    /// stops the write instead of overwriting a table we could not read.
+    fn reload(&self, strict: bool) -> Result<bool, UserTableError> {
+        let current = Stamp::of(&fs::metadata(&self.path)?);
+        {
+            let state = self.lock();
+            if state.loaded == Some(current) || (!strict && state.seen == Some(current)) {
+                return Ok(false);
+            }
+        }
+        let (stamp, bytes) = read_table(&self.path)?.ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, "user table vanished")
+        })?;
+        let parsed = parse(&bytes);
+        let mut state = self.lock();
+        state.seen = Some(stamp);
+        let mut users = parsed.map_err(|reason| self.unreadable(reason))?;
+        state.apply_logins(&mut users);
+        state.users = users;
+        state.loaded = Some(stamp);
+        Ok(true)
     }
 
     /// Insert a new user and persist before returning. Of concurrent inserts of
@@ -135,35 +278,157 @@ impl UserTable {
         })
     }
 
-    /// Set `last_login` and persist.
-    pub fn record_login(&self, name: &str, at: &str) -> Result<(), UserTableError> {
-        check_timestamp(at).map_err(UserTableError::InvalidRecord)?;
-        self.update(|users| {
-            let user = users.get_mut(name).ok_or(UserTableError::NoSuchUser)?;
-            user.last_login = Some(at.to_string());
-            Ok(())
+    /// Remove a user's row and persist; returns the removed record.
+    pub fn remove(&self, name: &str) -> Result<UserRecord, UserTableError> {
+        self.update(|users| users.remove(name).ok_or(UserTableError::NoSuchUser))
+    }
+
+    /// Disable (refuse every login) or enable a user, and persist.
+    pub fn set_disabled(&self, name: &str, disabled: bool) -> Result<(), UserTableError> {
+        self.change_user(name, |user| user.disabled = disabled)
+    }
+
+    /// Replace a user's SCRAM verifier (password reset) and, with `revoke_sessions_at`,
+    /// invalidate the sessions created before that instant, in one write.
+    pub fn set_verifier(
+        &self,
+        name: &str,
+        verifier: Verifier,
+        revoke_sessions_at: Option<String>,
+    ) -> Result<(), UserTableError> {
+        self.change_user(name, |user| {
+            user.verifier = verifier;
+            if let Some(at) = revoke_sessions_at {
+                user.sessions_after = Some(at);
+            }
         })
     }
 
-    /// Apply `change` to a copy, write the copy, and only then make it current:
-    /// a failed write leaves memory as it was (this is the rollback).
-    fn update(
+    /// Invalidate the user's sessions created before `at` (ISO 8601 UTC).
+    pub fn revoke_sessions(&self, name: &str, at: String) -> Result<(), UserTableError> {
+        self.change_user(name, |user| user.sessions_after = Some(at))
+    }
+
+    /// Change one existing user; the result is validated before it is written.
+    fn change_user(
         &self,
-        change: impl FnOnce(&mut BTreeMap<String, UserRecord>) -> Result<(), UserTableError>,
+        name: &str,
+        change: impl FnOnce(&mut UserRecord),
     ) -> Result<(), UserTableError> {
-        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut next = self.lock().clone();
-        change(&mut next)?;
-        save(&self.path, &next)?;
-        *self.lock() = next;
+        self.update(|users| {
+            let user = users.get_mut(name).ok_or(UserTableError::NoSuchUser)?;
+            change(user);
+            validate(user).map_err(UserTableError::InvalidRecord)
+        })
+    }
+
+    /// Set `last_login` in memory only; [`UserTable::flush_logins`] (or any other
+    /// write) persists it. A full disk must not stop people logging in.
+    pub fn record_login(&self, name: &str, at: &str) -> Result<(), UserTableError> {
+        check_timestamp(at).map_err(UserTableError::InvalidRecord)?;
+        let mut state = self.lock();
+        let user = state
+            .users
+            .get_mut(name)
+            .ok_or(UserTableError::NoSuchUser)?;
+        user.last_login = Some(at.to_string());
+        let pending = (user.registered_at.clone(), at.to_string());
+        state.logins.insert(name.to_string(), pending);
         Ok(())
     }
 
-    /// The map is only ever replaced whole (see `update`), so a panic elsewhere
-    /// cannot have left it half-changed and a poisoned lock is safe to use.
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, UserRecord>> {
-        self.users.lock().unwrap_or_else(PoisonError::into_inner)
+    /// Write the `last_login` values recorded since the last write; returns how many.
+    /// On failure they stay pending for the next try.
+    pub fn flush_logins(&self) -> Result<usize, UserTableError> {
+        let pending = self.lock().logins.len();
+        if pending == 0 {
+            return Ok(0);
+        }
+        // Memory already holds them: any write persists them.
+        self.update(|_| Ok(()))?;
+        Ok(pending)
     }
+
+    /// Under the lock file: bring memory up to date with the file, apply `change` to
+    /// a copy, write the copy, and only then make it current. A failed write leaves
+    /// the file and memory as they were (this is the rollback).
+    fn update<T>(
+        &self,
+        change: impl FnOnce(&mut BTreeMap<String, UserRecord>) -> Result<T, UserTableError>,
+    ) -> Result<T, UserTableError> {
+        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let _lock = self.lock_file()?;
+        // No lookup's reload may swap in an older version while we write.
+        let _reloading = self
+            .reloading
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.reload(true)?;
+        let (mut next, written_logins) = {
+            let state = self.lock();
+            (state.users.clone(), state.logins.clone())
+        };
+        let out = change(&mut next)?;
+        save(&self.path, &next)?;
+        // No other writer can run until we unlock, so this is the version we wrote.
+        let stamp = fs::metadata(&self.path).ok().map(|m| Stamp::of(&m));
+        let mut state = self.lock();
+        // Logins recorded during the write stay pending (and in memory).
+        state
+            .logins
+            .retain(|name, login| written_logins.get(name) != Some(login));
+        state.apply_logins(&mut next);
+        state.users = next;
+        state.loaded = stamp;
+        state.seen = stamp;
+        Ok(out)
+    }
+
+    /// The exclusive lock every writer (server or `netdisk admin`) holds; released
+    /// when the returned file is closed.
+    fn lock_file(&self) -> Result<File, UserTableError> {
+        let mut options = OpenOptions::new();
+        options.read(true).write(true).create(true);
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let file = options.open(&self.lock_path)?;
+        lock_file(&file, true)?;
+        Ok(file)
+    }
+
+    fn unreadable(&self, reason: String) -> UserTableError {
+        UserTableError::Unreadable {
+            path: self.path.clone(),
+            reason,
+        }
+    }
+
+    /// The state is only ever replaced in short sections that cannot panic halfway,
+    /// so a poisoned lock is safe to use.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Logins not yet written get a last chance when the table goes away (server shutdown).
+impl Drop for UserTable {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush_logins() {
+            tracing::warn!(error = %e, "cannot write the last logins to the user table");
+        }
+    }
+}
+
+/// The file's bytes and the stamp of exactly that version (`None`: no file).
+fn read_table(path: &Path) -> Result<Option<(Stamp, Vec<u8>)>, UserTableError> {
+    let mut file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let stamp = Stamp::of(&file.metadata()?);
+    let mut bytes = Vec::with_capacity(stamp.size as usize);
+    file.read_to_end(&mut bytes)?;
+    Ok(Some((stamp, bytes)))
 }
 
 /// Everything `parse` would refuse, so a record we write can always be read back.
@@ -171,6 +436,9 @@ fn validate(record: &UserRecord) -> Result<(), String> {
     check_user_name(&record.name).map_err(|e| e.to_string())?;
     check_timestamp(&record.registered_at)?;
     if let Some(at) = &record.last_login {
+        check_timestamp(at)?;
+    }
+    if let Some(at) = &record.sessions_after {
         check_timestamp(at)?;
     }
     if record.verifier.salt.is_empty() {
@@ -207,30 +475,43 @@ fn parse(bytes: &[u8]) -> Result<BTreeMap<String, UserRecord>, String> {
         .map_err(|e| format!("worksheet {SHEET:?}: {e}"))?;
     let cell = |row: u32, col: usize| range.get_value((row, col as u32)).unwrap_or(&Data::Empty);
 
-    let header_ok = HEADER
-        .iter()
-        .enumerate()
-        .all(|(col, title)| matches!(cell(0, col), Data::String(s) if s == title));
-    let Some((last_row, last_col)) = range.end().filter(|_| header_ok) else {
+    let title_at = |col: usize| matches!(cell(0, col), Data::String(s) if s == HEADER[col]);
+    // An old table (before `disabled`, `sessions_after`) lacks the last columns.
+    let columns = if (0..HEADER.len()).all(title_at) {
+        Some(HEADER.len())
+    } else if (0..OLD_COLUMNS).all(title_at)
+        && (OLD_COLUMNS..HEADER.len()).all(|c| is_blank(cell(0, c)))
+    {
+        Some(OLD_COLUMNS)
+    } else {
+        None
+    };
+    let (Some(columns), Some((last_row, last_col))) = (columns, range.end()) else {
         return Err(format!("row 1 must be the header: {}", HEADER.join(" | ")));
     };
 
     let mut users = BTreeMap::new();
     for row in 0..=last_row {
-        if let Some(col) =
-            (HEADER.len() as u32..=last_col).find(|&c| !is_blank(cell(row, c as usize)))
-        {
+        if let Some(col) = (columns as u32..=last_col).find(|&c| !is_blank(cell(row, c as usize))) {
             return Err(format!(
-                "row {}: unexpected value in column {} (only {} columns are used)",
+                "row {}: unexpected value in column {} (only {columns} columns are used)",
                 row + 1,
                 col + 1,
-                HEADER.len()
             ));
         }
         if row == 0 {
             continue;
         }
-        let cells: Vec<&Data> = (0..HEADER.len()).map(|col| cell(row, col)).collect();
+        // Columns an old table lacks read as blank: enabled, no revocation.
+        let cells: Vec<&Data> = (0..HEADER.len())
+            .map(|col| {
+                if col < columns {
+                    cell(row, col)
+                } else {
+                    &Data::Empty
+                }
+            })
+            .collect();
         // Tolerate rows a person emptied by hand in Excel.
         if cells.iter().all(|c| is_blank(c)) {
             continue;
@@ -261,6 +542,11 @@ fn parse_row(cells: &[&Data]) -> Result<UserRecord, String> {
             stored_key: key(cells[5], 5)?,
             server_key: key(cells[6], 6)?,
         },
+        disabled: yes_no(cells[7], 7)?,
+        sessions_after: match cells[8] {
+            c if is_blank(c) => None,
+            c => Some(text(c, 8)?.to_string()),
+        },
     };
     validate(&record)?;
     Ok(record)
@@ -271,6 +557,20 @@ fn is_blank(cell: &Data) -> bool {
         Data::Empty => true,
         Data::String(s) => s.is_empty(),
         _ => false,
+    }
+}
+
+/// `yes` or blank; a hand edit may also give `no` or an Excel boolean.
+fn yes_no(cell: &Data, col: usize) -> Result<bool, String> {
+    match cell {
+        c if is_blank(c) => Ok(false),
+        Data::Bool(b) => Ok(*b),
+        Data::String(s) if s.trim().eq_ignore_ascii_case("yes") => Ok(true),
+        Data::String(s) if s.trim().eq_ignore_ascii_case("no") => Ok(false),
+        other => Err(format!(
+            "{} must be \"yes\" or empty, found {other:?}",
+            HEADER[col]
+        )),
     }
 }
 
@@ -327,6 +627,12 @@ fn to_xlsx(users: &BTreeMap<String, UserRecord>) -> Result<Vec<u8>, rust_xlsxwri
         sheet.write_number(row, 4, v.iterations)?;
         sheet.write_string(row, 5, B64.encode(v.stored_key))?;
         sheet.write_string(row, 6, B64.encode(v.server_key))?;
+        if user.disabled {
+            sheet.write_string(row, 7, "yes")?;
+        }
+        if let Some(at) = &user.sessions_after {
+            sheet.write_string(row, 8, at)?;
+        }
     }
     sheet.autofit();
     workbook.save_to_buffer()
@@ -395,6 +701,8 @@ mod tests {
             registered_at: "2026-11-23T17:05:49Z".to_string(),
             last_login: None,
             verifier: Verifier::with_salt(name, SALT, MIN_ITERATIONS),
+            disabled: false,
+            sessions_after: None,
         }
     }
 
@@ -414,6 +722,7 @@ mod tests {
                 match value {
                     Data::String(s) => sheet.write_string(r, c, s).unwrap(),
                     Data::Float(f) => sheet.write_number(r, c, *f).unwrap(),
+                    Data::Bool(b) => sheet.write_boolean(r, c, *b).unwrap(),
                     Data::Empty => sheet,
                     other => panic!("unsupported test cell {other:?}"),
                 };
@@ -430,6 +739,11 @@ mod tests {
         HEADER.iter().map(|h| s(h)).collect()
     }
 
+    /// A row as written before `disabled` and `sessions_after` existed.
+    fn old_row_of(r: &UserRecord) -> Vec<Data> {
+        row_of(r)[..OLD_COLUMNS].to_vec()
+    }
+
     fn row_of(r: &UserRecord) -> Vec<Data> {
         vec![
             s(&r.name),
@@ -439,6 +753,8 @@ mod tests {
             Data::Float(r.verifier.iterations.into()),
             s(&B64.encode(r.verifier.stored_key)),
             s(&B64.encode(r.verifier.server_key)),
+            Data::Empty,
+            Data::Empty,
         ]
     }
 
@@ -518,6 +834,8 @@ mod tests {
             assert!(matches!(cell(row, 4), Data::Float(f) if f == f64::from(MIN_ITERATIONS)));
             assert_eq!(cell(row, 5), s(&B64.encode(v.stored_key)));
             assert_eq!(cell(row, 6), s(&B64.encode(v.server_key)));
+            assert_eq!(cell(row, 7), Data::Empty);
+            assert_eq!(cell(row, 8), Data::Empty);
         }
     }
 
@@ -623,11 +941,12 @@ mod tests {
     }
 
     #[test]
-    fn record_login_persists() {
+    fn record_login_is_written_by_flush_or_drop() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("users.xlsx");
         let table = UserTable::open(&path).unwrap();
         table.insert(record("alice")).unwrap();
+        table.insert(record("bob")).unwrap();
         let at = now_iso8601();
         table.record_login("alice", &at).unwrap();
         assert_eq!(table.get("alice").unwrap().last_login, Some(at.clone()));
@@ -639,8 +958,170 @@ mod tests {
             table.record_login("alice", "not a time"),
             Err(UserTableError::InvalidRecord(_))
         ));
+        // Memory only until flushed.
+        let on_disk = |name: &str| {
+            UserTable::open(&path)
+                .unwrap()
+                .get(name)
+                .unwrap()
+                .last_login
+        };
+        assert_eq!(on_disk("alice"), None);
+        assert_eq!(table.flush_logins().unwrap(), 1);
+        assert_eq!(table.flush_logins().unwrap(), 0);
+        assert_eq!(on_disk("alice"), Some(at.clone()));
+
+        // Dropping the table (server shutdown) writes what is pending.
+        table.record_login("bob", &at).unwrap();
+        drop(table);
+        assert_eq!(on_disk("bob"), Some(at));
+    }
+
+    #[test]
+    fn pending_login_survives_a_reload_but_not_a_new_account() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.xlsx");
+        let server = UserTable::open(&path).unwrap();
+        server.insert(record("alice")).unwrap();
+        server.insert(record("bob")).unwrap();
+        let at = now_iso8601();
+        server.record_login("alice", &at).unwrap();
+        server.record_login("bob", &at).unwrap();
+        // Another process (admin) disables alice and re-creates bob.
+        let admin = UserTable::open(&path).unwrap();
+        admin.set_disabled("alice", true).unwrap();
+        admin.remove("bob").unwrap();
+        let new_bob = UserRecord {
+            registered_at: "2027-01-01T00:00:00Z".to_string(),
+            ..record("bob")
+        };
+        admin.insert(new_bob.clone()).unwrap();
+        drop(admin);
+
+        let alice = server.get("alice").unwrap();
+        assert!(alice.disabled);
+        assert_eq!(alice.last_login, Some(at.clone()));
+        assert_eq!(server.get("bob"), Some(new_bob.clone()));
+        server.flush_logins().unwrap();
         let reopened = UserTable::open(&path).unwrap();
         assert_eq!(reopened.get("alice").unwrap().last_login, Some(at));
+        assert!(reopened.get("alice").unwrap().disabled);
+        assert_eq!(reopened.get("bob"), Some(new_bob));
+    }
+
+    #[test]
+    fn admin_changes_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.xlsx");
+        let table = UserTable::open(&path).unwrap();
+        table.insert(record("carol")).unwrap();
+        table.set_disabled("carol", true).unwrap();
+        table
+            .revoke_sessions("carol", "2026-12-01T00:00:00Z".to_string())
+            .unwrap();
+        let verifier = Verifier::with_salt("new", b"new salt 0123456", MIN_ITERATIONS);
+        table
+            .set_verifier(
+                "carol",
+                verifier.clone(),
+                Some("2026-12-02T00:00:00Z".into()),
+            )
+            .unwrap();
+        let expected = UserRecord {
+            disabled: true,
+            sessions_after: Some("2026-12-02T00:00:00Z".to_string()),
+            verifier,
+            ..record("carol")
+        };
+        assert_eq!(table.get("carol"), Some(expected.clone()));
+        let (_, range) = read_cells(&path);
+        assert_eq!(range.get_value((1, 7)), Some(&s("yes")));
+        assert_eq!(range.get_value((1, 8)), Some(&s("2026-12-02T00:00:00Z")));
+        assert_eq!(UserTable::open(&path).unwrap().get("carol"), Some(expected));
+
+        assert!(matches!(
+            table.revoke_sessions("carol", "soon".into()),
+            Err(UserTableError::InvalidRecord(_))
+        ));
+        for result in [
+            table.set_disabled("nobody", true),
+            table.revoke_sessions("nobody", now_iso8601()),
+            table.remove("nobody").map(|_| ()),
+        ] {
+            assert!(matches!(result, Err(UserTableError::NoSuchUser)));
+        }
+        table.set_disabled("carol", false).unwrap();
+        assert_eq!(table.remove("carol").unwrap().name, "carol");
+        assert!(UserTable::open(&path).unwrap().is_empty());
+    }
+
+    #[test]
+    fn old_seven_column_table_loads_and_is_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.xlsx");
+        let old_header = header()[..OLD_COLUMNS].to_vec();
+        write_sheet(
+            &path,
+            SHEET,
+            &[old_header.clone(), old_row_of(&record("alice"))],
+        );
+        let table = UserTable::open(&path).unwrap();
+        assert_eq!(table.get("alice"), Some(record("alice")));
+        table.insert(record("bob")).unwrap();
+        let (_, range) = read_cells(&path);
+        assert_eq!(range.get_value((0, 8)), Some(&s("sessions_after")));
+        assert_eq!(UserTable::open(&path).unwrap().len(), 2);
+
+        // Under the old header, anything beyond its columns is still refused.
+        let mut extra = old_row_of(&record("bob"));
+        extra.push(s("yes"));
+        write_sheet(&path, SHEET, &[old_header, extra]);
+        assert_unreadable(&path, "row 2: unexpected value in column 8");
+    }
+
+    #[test]
+    fn writers_in_two_instances_lose_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.xlsx");
+        let tables = [
+            UserTable::open(&path).unwrap(),
+            UserTable::open(&path).unwrap(),
+        ];
+        std::thread::scope(|scope| {
+            for (t, table) in tables.iter().enumerate() {
+                scope.spawn(move || {
+                    for i in 0..20 {
+                        table.insert(record(&format!("t{t}-{i:02}"))).unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(UserTable::open(&path).unwrap().len(), 40);
+        // Each instance sees the other's rows once it looks.
+        for table in &tables {
+            assert_eq!(table.list().len(), 40);
+        }
+    }
+
+    #[test]
+    fn a_reader_notices_another_writer_and_survives_a_broken_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.xlsx");
+        let server = UserTable::open(&path).unwrap();
+        server.insert(record("alice")).unwrap();
+        let admin = UserTable::open(&path).unwrap();
+        admin.set_disabled("alice", true).unwrap();
+        assert!(server.get("alice").unwrap().disabled);
+
+        // A broken hand edit: lookups keep the last good version, writes refuse.
+        fs::write(&path, b"not a workbook").unwrap();
+        assert!(server.reload_if_changed().is_err());
+        assert!(server.get("alice").unwrap().disabled);
+        assert!(matches!(
+            server.insert(record("bob")),
+            Err(UserTableError::Unreadable { .. })
+        ));
+        assert_eq!(fs::read(&path).unwrap(), b"not a workbook");
     }
 
     #[test]
@@ -658,7 +1139,7 @@ mod tests {
             table.insert(record("bob")),
             Err(UserTableError::Io(_))
         ));
-        assert!(table.record_login("alice", &now_iso8601()).is_err());
+        assert!(table.set_disabled("alice", true).is_err());
         assert_eq!(table.get("bob"), None);
         assert_eq!(table.get("alice"), Some(record("alice")));
         assert_eq!(table.len(), 1);
@@ -666,7 +1147,7 @@ mod tests {
         let leftovers: Vec<_> = fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())
-            .filter(|n| n != "users.xlsx")
+            .filter(|n| n != "users.xlsx" && n != "users.xlsx.lock")
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
     }
@@ -697,6 +1178,9 @@ mod tests {
         write_sheet(&path, SHEET, &[header()[..6].to_vec()]);
         assert_unreadable(&path, "row 1 must be the header");
 
+        write_sheet(&path, SHEET, &[header()[..8].to_vec()]);
+        assert_unreadable(&path, "row 1 must be the header");
+
         write_sheet(&path, SHEET, &[]);
         assert_unreadable(&path, "row 1 must be the header");
 
@@ -706,7 +1190,7 @@ mod tests {
         let mut extra = header();
         extra.push(s("notes"));
         write_sheet(&path, SHEET, &[extra]);
-        assert_unreadable(&path, "row 1: unexpected value in column 8");
+        assert_unreadable(&path, "row 1: unexpected value in column 10");
     }
 
     #[test]
@@ -745,6 +1229,8 @@ mod tests {
                 "scram_stored_key must decode to 32 bytes",
             ),
             (with(6, Data::Empty), "scram_server_key is missing"),
+            (with(7, s("maybe")), "disabled must be \"yes\" or empty"),
+            (with(8, s("tomorrow")), "timestamp"),
             (good.clone(), "row 3: duplicate user name \"alice\""),
         ];
         for (bad, expected) in cases {
@@ -761,9 +1247,19 @@ mod tests {
         let mut as_text = row_of(&record("alice"));
         as_text[4] = s("4096");
         let as_number = row_of(&record("bob"));
+        let mut flags = row_of(&record("dan"));
+        flags[7] = s("No");
+        let mut excel_bool = row_of(&record("eve"));
+        excel_bool[7] = Data::Bool(true);
         // An emptied row in between is skipped.
-        write_sheet(&path, SHEET, &[header(), as_text, vec![], as_number]);
+        write_sheet(
+            &path,
+            SHEET,
+            &[header(), as_text, vec![], as_number, flags, excel_bool],
+        );
         let table = UserTable::open(&path).unwrap();
+        assert_eq!(table.get("dan"), Some(record("dan")));
+        assert!(table.get("eve").unwrap().disabled);
         assert_eq!(table.get("alice"), Some(record("alice")));
         assert_eq!(table.get("bob"), Some(record("bob")));
     }

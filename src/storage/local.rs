@@ -168,13 +168,7 @@ impl Storage for LocalStorage {
         Ok(fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir()))
     }
 
-    async fn list(
-        &self,
-        user: &str,
-        dir: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Page> {
+    async fn list(&self, user: &str, dir: &str, after: Option<&str>, limit: usize) -> Result<Page> {
         let (user, dir, after) = (user.to_string(), dir.to_string(), after.map(String::from));
         self.scan(move |inner| inner.list(&user, &dir, after.as_deref(), limit.max(1)))
             .await
@@ -252,7 +246,11 @@ impl Storage for LocalStorage {
     }
 
     async fn restore(&self, user: &str, path: &str, version: Option<&str>) -> Result<()> {
-        let (user, path, version) = (user.to_string(), path.to_string(), version.map(String::from));
+        let (user, path, version) = (
+            user.to_string(),
+            path.to_string(),
+            version.map(String::from),
+        );
         self.run(move |inner| inner.restore(&user, &path, version.as_deref()))
             .await
     }
@@ -824,7 +822,10 @@ impl Inner {
             let size = version_size(&dir, &id, kind).unwrap_or(0);
             out.push(Version {
                 replaced: id_time(&id),
-                id: id.trim_end_matches(['f', 'd']).trim_end_matches('.').to_string(),
+                id: id
+                    .trim_end_matches(['f', 'd'])
+                    .trim_end_matches('.')
+                    .to_string(),
                 kind,
                 size,
             });
@@ -929,8 +930,7 @@ impl Inner {
 
     fn usage(&self, user: &str) -> Result<Usage> {
         let files = self.user_dir("files", user)?;
-        let (file_count, file_bytes) =
-            fsat::tree_size(&files).map_err(|e| internal("files", e))?;
+        let (file_count, file_bytes) = fsat::tree_size(&files).map_err(|e| internal("files", e))?;
         let versions = self.user_dir("versions", user)?;
         let (mut version_count, mut version_bytes) = (0, 0);
         for (id, key, kind) in self.all_versions(user)? {
@@ -1009,33 +1009,10 @@ impl Inner {
     }
 
     fn retire_user(&self, user: &str) -> Result<Option<String>> {
-        check_user_name(user)?;
-        let areas: Vec<&str> = ["files", "partial", "meta", "versions"]
-            .into_iter()
-            .filter(|area| fs::symlink_metadata(self.user_path(area, user)).is_ok())
-            .collect();
-        if areas.is_empty() {
-            return Ok(None);
-        }
-        let stamp = time::OffsetDateTime::now_utc()
-            .format(time::macros::format_description!(
-                "[year][month][day]T[hour][minute][second]Z"
-            ))
-            .unwrap_or_default();
-        let target = self.root.join("deleted").join(format!("{user}-{stamp}"));
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(DIR_MODE)
-            .create(&target)?;
-        for area in areas {
-            fs::rename(self.user_path(area, user), target.join(area))?;
-        }
-        crate::durable::sync_dir(&target)?;
-        for area in ["files", "partial", "meta", "versions"] {
-            crate::durable::sync_dir(&self.root.join(area))?;
-        }
+        // The same move as `netdisk admin delete`, so both leave the same layout.
+        let moved = crate::admin::move_user_data_aside(&self.root, user)?;
         self.forget_usage(user);
-        Ok(Some(target.display().to_string()))
+        Ok(moved.map(|place| place.display().to_string()))
     }
 }
 
@@ -1409,11 +1386,7 @@ impl UploadState {
         sent: Option<&[ChunkHash]>,
     ) -> Result<(u64, String, bool)> {
         if self.received != self.size || !self.missing.is_empty() {
-            let missing: u64 = self
-                .missing
-                .iter()
-                .map(|&i| chunk_len(i, self.size))
-                .sum();
+            let missing: u64 = self.missing.iter().map(|&i| chunk_len(i, self.size)).sum();
             return Err(Error::remote(
                 ErrorCode::Conflict,
                 format!(
@@ -1443,9 +1416,14 @@ impl UploadState {
         let (dir, name) = inner.parent_of(&self.user, &components, &self.path, true)?;
         if let Ok(stat) = fsat::stat(&dir, name) {
             match fsat::kind(&stat) {
-                FileType::RegularFile => {
-                    inner.keep_version_pruned(&self.user, &self.path, &dir, name, Keep::Link, Kind::File)?
-                }
+                FileType::RegularFile => inner.keep_version_pruned(
+                    &self.user,
+                    &self.path,
+                    &dir,
+                    name,
+                    Keep::Link,
+                    Kind::File,
+                )?,
                 FileType::Directory => return Err(fsat::error(Errno::ISDIR, &self.path)),
                 _ => {}
             }
@@ -1459,9 +1437,10 @@ impl UploadState {
         // The cache is only an optimisation (a failure costs a re-hash later), and only
         // worth a file for files of several chunks.
         if chunks.len() > 1 {
-            if let (Ok(meta), Ok(meta_path)) =
-                (self.data.metadata(), inner.meta_path(&self.user, &self.path))
-            {
+            if let (Ok(meta), Ok(meta_path)) = (
+                self.data.metadata(),
+                inner.meta_path(&self.user, &self.path),
+            ) {
                 let _ = write_meta(&meta_path, &FileStamp::of(&meta), &chunks);
             }
         }
@@ -1473,7 +1452,12 @@ impl UploadState {
     /// After a failed commit: keep the staged chunks that match the sender's hashes and
     /// mark the others missing. Without usable hashes (absent, or not those of `digest`)
     /// the staged upload is dropped. Returns the error for the sender.
-    fn keep_matching(&self, ours: &[ChunkHash], digest: &str, theirs: Option<&[ChunkHash]>) -> Error {
+    fn keep_matching(
+        &self,
+        ours: &[ChunkHash],
+        digest: &str,
+        theirs: Option<&[ChunkHash]>,
+    ) -> Error {
         let theirs = theirs.filter(|theirs| {
             theirs.len() == ours.len()
                 && file_digest(theirs)
@@ -1746,7 +1730,9 @@ fn storage_error(e: io::Error) -> Error {
 /// A failure of the server's own folders: the client learns which area, never a path.
 fn internal(area: &str, e: Errno) -> Error {
     match e {
-        Errno::NOSPC | Errno::DQUOT => Error::remote(ErrorCode::NoSpace, "the server's disk is full"),
+        Errno::NOSPC | Errno::DQUOT => {
+            Error::remote(ErrorCode::NoSpace, "the server's disk is full")
+        }
         e => Error::remote(ErrorCode::Internal, format!("storage error ({area}): {e}")),
     }
 }
@@ -1762,7 +1748,9 @@ fn create_file(path: &Path) -> Result<File> {
 }
 
 /// Run blocking work (disk, fsync) off the async threads.
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| Error::remote(ErrorCode::Internal, format!("storage worker failed: {e}")))?

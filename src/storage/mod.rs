@@ -168,8 +168,7 @@ pub trait Storage: Send + Sync + 'static {
     /// Whether the user has a folder.
     async fn user_exists(&self, user: &str) -> Result<bool>;
     /// One page of the folder at `dir`: at most `limit` entries with names after `after`.
-    async fn list(&self, user: &str, dir: &str, after: Option<&str>, limit: usize)
-        -> Result<Page>;
+    async fn list(&self, user: &str, dir: &str, after: Option<&str>, limit: usize) -> Result<Page>;
     /// The entry at `path`.
     async fn stat(&self, user: &str, path: &str) -> Result<Entry>;
     /// Open the file at `path` for reading.
@@ -232,8 +231,11 @@ pub trait Upload: Send {
     /// Verify the whole file, as hashed from the staged bytes, against `digest` (hex) and
     /// give it its name. On a mismatch, `chunks` (the sender's chunk hashes, if sent)
     /// decides what stays staged: matching chunks stay, others become missing.
-    async fn commit(self: Box<Self>, digest: &str, chunks: Option<Vec<ChunkHash>>)
-        -> Result<Committed>;
+    async fn commit(
+        self: Box<Self>,
+        digest: &str,
+        chunks: Option<Vec<ChunkHash>>,
+    ) -> Result<Committed>;
 }
 
 #[cfg(test)]
