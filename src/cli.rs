@@ -393,6 +393,7 @@ async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> anyhow::Resul
     let ui = ctx.ui;
     match command {
         Command::Serve(_)
+        | Command::Admin(_)
         | Command::Register { .. }
         | Command::Login { .. }
         | Command::Logout
@@ -1190,7 +1191,7 @@ async fn shell(remote: &Remote) -> anyhow::Result<()> {
                         }
                         .await
                     }
-                    Command::Serve(_) | Command::Logout | Command::Shell => {
+                    Command::Serve(_) | Command::Admin(_) | Command::Logout | Command::Shell => {
                         Err(anyhow!("not available in the shell"))
                     }
                     command => exec(command, &mut client, &ctx).await,

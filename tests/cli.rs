@@ -401,7 +401,10 @@ async fn folder_commands_from_the_command_line() {
     let by_size = env.ok(&["ls", "--sort", "size", "docs/2024"]).await;
     assert!(by_size.find("big.bin") < by_size.find("q1/"), "{by_size}");
     let reversed = env.ok(&["ls", "--sort", "name", "-r", "docs"]).await;
-    assert!(reversed.find("renamed.txt") < reversed.find("a.txt"), "{reversed}");
+    assert!(
+        reversed.find("renamed.txt") < reversed.find("a.txt"),
+        "{reversed}"
+    );
 
     env.ok(&["get", "docs/2024/big.bin"]).await; // saved as big.bin here
     let err = env.fails(&["get", "docs/2024/big.bin"]).await;
@@ -411,9 +414,12 @@ async fn folder_commands_from_the_command_line() {
 
     env.ok(&["mv", "docs/renamed.txt", "docs/2024/q1"]).await; // into a folder
     env.ok(&["mv", "docs/a.txt", "moved.txt"]).await;
-    let err = env.fails(&["mv", "moved.txt", "docs/2024/q1/renamed.txt"]).await;
+    let err = env
+        .fails(&["mv", "moved.txt", "docs/2024/q1/renamed.txt"])
+        .await;
     assert!(err.contains("exists"), "{err}");
-    env.ok(&["mv", "-f", "moved.txt", "docs/2024/q1/renamed.txt"]).await;
+    env.ok(&["mv", "-f", "moved.txt", "docs/2024/q1/renamed.txt"])
+        .await;
 
     let err = env.fails(&["rmdir", "docs/2024/q1"]).await;
     assert!(err.contains("empty"), "{err}");
@@ -429,8 +435,12 @@ async fn folder_commands_from_the_command_line() {
 
     assert_eq!(env.ok(&["whoami"]).await.trim(), "fay");
     let usage = env.ok(&["usage"]).await;
-    assert!(usage.contains("versions") && usage.contains("used"), "{usage}");
-    let usage: serde_json::Value = serde_json::from_str(&env.ok(&["usage", "--json"]).await).unwrap();
+    assert!(
+        usage.contains("versions") && usage.contains("used"),
+        "{usage}"
+    );
+    let usage: serde_json::Value =
+        serde_json::from_str(&env.ok(&["usage", "--json"]).await).unwrap();
     assert_eq!(usage["files"], 0);
     assert!(usage["versions"].as_u64().unwrap() >= 3, "{usage}");
 }
@@ -452,8 +462,10 @@ async fn versions_and_restore_from_the_command_line() {
     env.ok(&["restore", "notes/v.txt"]).await;
     env.ok(&["get", "notes/v.txt", "back.txt"]).await;
     assert_eq!(std::fs::read(env.path("back.txt")).unwrap(), b"second");
-    env.ok(&["restore", "notes/v.txt", "--version", &oldest]).await;
-    env.ok(&["get", "notes/v.txt", "back.txt", "--restart"]).await;
+    env.ok(&["restore", "notes/v.txt", "--version", &oldest])
+        .await;
+    env.ok(&["get", "notes/v.txt", "back.txt", "--restart"])
+        .await;
     assert_eq!(std::fs::read(env.path("back.txt")).unwrap(), b"first");
 }
 
@@ -462,7 +474,10 @@ async fn awkward_names_and_escapes_from_the_command_line() {
     let env = Env::new().await;
     logged_in(&env, "ned").await;
     let long = "y".repeat(255);
-    for (i, name) in ["two words.txt", "🎉 party.txt", long.as_str()].iter().enumerate() {
+    for (i, name) in ["two words.txt", "🎉 party.txt", long.as_str()]
+        .iter()
+        .enumerate()
+    {
         let data = random_bytes(100 + i, i as u64);
         write_file(env.work.path(), name, &data);
         env.ok(&["put", name, &format!("odd dir/{name}")]).await;
@@ -471,7 +486,10 @@ async fn awkward_names_and_escapes_from_the_command_line() {
         assert!(std::fs::read(env.path(name)).unwrap() == data, "{name}");
     }
     let listing = env.ok(&["ls", "odd dir"]).await;
-    assert!(listing.contains("🎉 party.txt") && listing.contains(&long), "{listing}");
+    assert!(
+        listing.contains("🎉 party.txt") && listing.contains(&long),
+        "{listing}"
+    );
 
     write_file(env.work.path(), "ok.txt", b"ok");
     let err = env.fails(&["put", "ok.txt", "a\nb"]).await;
@@ -487,7 +505,10 @@ async fn awkward_names_and_escapes_from_the_command_line() {
         &["put", "ok.txt", "../ok.txt"],
     ] {
         let err = env.fails(args).await;
-        assert!(err.contains("bad path") || err.contains("bad file name"), "{args:?}: {err}");
+        assert!(
+            err.contains("bad path") || err.contains("bad file name"),
+            "{args:?}: {err}"
+        );
     }
     assert!(!env.server.root.join("files/x").exists());
     assert!(!env.server.root.join("files/ok.txt").exists());
@@ -513,7 +534,10 @@ async fn put_r_and_get_r_round_trip_skip_symlinks_and_resume() {
     let out = run(env.cmd(&["put", "-r", "photos"])).await;
     assert!(out.status.success(), "{}", stderr(&out));
     let err = stderr(&out);
-    assert!(err.contains("etc-link") && err.contains("symbolic link"), "{err}");
+    assert!(
+        err.contains("etc-link") && err.contains("symbolic link"),
+        "{err}"
+    );
     assert!(err.contains("uploaded 4 files"), "{err}");
     assert!(env.ok(&["ls", "photos/2024"]).await.contains("summer/"));
     assert!(!env.ok(&["ls", "photos/2024"]).await.contains("etc-link"));
@@ -521,7 +545,11 @@ async fn put_r_and_get_r_round_trip_skip_symlinks_and_resume() {
     // Again: nothing sent.
     let out = run(env.cmd(&["put", "-r", "photos"])).await;
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stderr(&out).contains("uploaded 0 files"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("uploaded 0 files"),
+        "{}",
+        stderr(&out)
+    );
     assert!(stderr(&out).contains("4 unchanged"), "{}", stderr(&out));
 
     // Into an existing folder with a trailing '/'.
@@ -530,7 +558,12 @@ async fn put_r_and_get_r_round_trip_skip_symlinks_and_resume() {
     assert!(env.ok(&["ls", "backups"]).await.contains("photos/"));
 
     env.ok(&["get", "-r", "photos", "restored"]).await;
-    for name in ["a.jpg", "2024/b.jpg", "2024/summer/c d.jpg", "2024/summer/large.raw"] {
+    for name in [
+        "a.jpg",
+        "2024/b.jpg",
+        "2024/summer/c d.jpg",
+        "2024/summer/large.raw",
+    ] {
         assert!(
             std::fs::read(env.path("restored").join(name)).unwrap()
                 == std::fs::read(tree.join(name)).unwrap(),
@@ -540,13 +573,20 @@ async fn put_r_and_get_r_round_trip_skip_symlinks_and_resume() {
     assert!(!env.path("restored/2024/etc-link").exists());
     let out = run(env.cmd(&["get", "-r", "photos", "restored"])).await;
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stderr(&out).contains("downloaded 0 files"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("downloaded 0 files"),
+        "{}",
+        stderr(&out)
+    );
     assert!(stderr(&out).contains("4 unchanged"), "{}", stderr(&out));
 
     // Default local folder: the remote folder's name.
     std::fs::remove_dir_all(&tree).unwrap();
     env.ok(&["get", "-r", "photos"]).await;
-    assert_eq!(std::fs::read(tree.join("a.jpg")).unwrap(), random_bytes(5000, 1));
+    assert_eq!(
+        std::fs::read(tree.join("a.jpg")).unwrap(),
+        random_bytes(5000, 1)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -560,13 +600,19 @@ async fn passwd_from_the_command_line() {
     assert!(run(cmd).await.status.success());
 
     let mut cmd = env.cmd(&["passwd"]);
-    cmd.env("NETDISK_PASSWORD", "wrong").env("NETDISK_NEW_PASSWORD", "pw-2");
+    cmd.env("NETDISK_PASSWORD", "wrong")
+        .env("NETDISK_NEW_PASSWORD", "pw-2");
     let out = run(cmd).await;
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("wrong user name or password"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("wrong user name or password"),
+        "{}",
+        stderr(&out)
+    );
 
     let mut cmd = env.cmd(&["passwd"]);
-    cmd.env("NETDISK_PASSWORD", "pw").env("NETDISK_NEW_PASSWORD", "pw-2");
+    cmd.env("NETDISK_PASSWORD", "pw")
+        .env("NETDISK_NEW_PASSWORD", "pw-2");
     let out = run(cmd).await;
     assert!(out.status.success(), "{}", stderr(&out));
     // This machine's saved login was updated and still works.
@@ -580,7 +626,9 @@ async fn passwd_from_the_command_line() {
     // Old password fails, new works.
     let out = env.with_password("pw", &["--user", "paul", "whoami"]).await;
     assert!(!out.status.success());
-    let out = env.with_password("pw-2", &["--user", "paul", "whoami"]).await;
+    let out = env
+        .with_password("pw-2", &["--user", "paul", "whoami"])
+        .await;
     assert!(out.status.success(), "{}", stderr(&out));
 }
 

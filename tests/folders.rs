@@ -66,7 +66,11 @@ async fn folders_mkdir_ls_stat_mv_rm() {
     assert_eq!((entry.kind, entry.size), (EntryType::File, 6));
     assert_eq!(
         entry.digest.as_deref(),
-        Some(blake3::hash(blake3::hash(b"report").as_bytes()).to_hex().as_str())
+        Some(
+            blake3::hash(blake3::hash(b"report").as_bytes())
+                .to_hex()
+                .as_str()
+        )
     );
     assert_eq!(
         client.stat("docs", false).await.unwrap().kind,
@@ -79,10 +83,16 @@ async fn folders_mkdir_ls_stat_mv_rm() {
         .mv("docs/2024/report.txt", "docs/report.txt", false)
         .await
         .unwrap();
-    let err = client.mv("top.txt", "docs/report.txt", false).await.unwrap_err();
+    let err = client
+        .mv("top.txt", "docs/report.txt", false)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::Exists), "{err}");
     client.mv("top.txt", "docs/report.txt", true).await.unwrap();
-    assert_eq!(get_bytes(&mut client, work.path(), "docs/report.txt").await, b"top");
+    assert_eq!(
+        get_bytes(&mut client, work.path(), "docs/report.txt").await,
+        b"top"
+    );
     client.mv("new", "docs/new", false).await.unwrap();
     assert_eq!(
         names(&client.list_dir("docs").await.unwrap()),
@@ -92,7 +102,9 @@ async fn folders_mkdir_ls_stat_mv_rm() {
     let err = client.rm("docs", false).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::NotEmpty), "{err}");
     client.rm("docs/2024", false).await.unwrap();
-    let err = client.get("docs", &work.path().join("d"), false, &mut NoProgress).await;
+    let err = client
+        .get("docs", &work.path().join("d"), false, &mut NoProgress)
+        .await;
     assert_eq!(err.unwrap_err().code(), Some(ErrorCode::WrongType));
     let removed = client.rm("docs", true).await.unwrap();
     assert_eq!(removed.files, 2, "{removed:?}");
@@ -144,7 +156,10 @@ async fn awkward_names_round_trip_and_escapes_are_refused() {
     // NFD input is sent as NFC: the same file.
     let nfd = "e\u{301}t\u{e9}.txt";
     put_path(&mut client, work.path(), nfd, b"ete").await;
-    assert_eq!(get_bytes(&mut client, work.path(), "\u{e9}t\u{e9}.txt").await, b"ete");
+    assert_eq!(
+        get_bytes(&mut client, work.path(), "\u{e9}t\u{e9}.txt").await,
+        b"ete"
+    );
 
     let too_long = "x".repeat(256);
     for bad in ["a\nb", "../x", "a/../../x", "..", "a//b", too_long.as_str()] {
@@ -186,7 +201,14 @@ async fn versions_and_restore_after_overwrite_and_rm() {
     // Newest first: "two" (removed), then "one" (overwritten).
     client.restore("d/v.txt", None).await.unwrap();
     assert_eq!(get_bytes(&mut client, work.path(), "d/v.txt").await, b"two");
-    let oldest = client.versions("d/v.txt").await.unwrap().last().unwrap().id.clone();
+    let oldest = client
+        .versions("d/v.txt")
+        .await
+        .unwrap()
+        .last()
+        .unwrap()
+        .id
+        .clone();
     client.restore("d/v.txt", Some(&oldest)).await.unwrap();
     assert_eq!(get_bytes(&mut client, work.path(), "d/v.txt").await, b"one");
     let err = client.versions("never.txt").await;
@@ -219,7 +241,11 @@ async fn passwd_changes_the_password_and_ends_other_sessions() {
     fresh.login("pat", "new-pw").await.unwrap();
     let mut fresh = server.client().await;
     let err = fresh.login_with_token(&other_token).await.unwrap_err();
-    assert_eq!(err.code(), Some(ErrorCode::AuthFailed), "other session revoked");
+    assert_eq!(
+        err.code(),
+        Some(ErrorCode::AuthFailed),
+        "other session revoked"
+    );
     let mut fresh = server.client().await;
     assert_eq!(fresh.login_with_token(&token).await.unwrap(), "pat");
 
@@ -285,7 +311,10 @@ async fn put_tree_and_get_tree_round_trip_then_resume_sends_nothing() {
         .put_tree(&src, "backup/src", &mut NoProgress)
         .await
         .unwrap();
-    assert_eq!((report.transferred, report.unchanged), (0, files.len() as u64));
+    assert_eq!(
+        (report.transferred, report.unchanged),
+        (0, files.len() as u64)
+    );
 
     // One changed file is the only one sent.
     std::fs::write(src.join("sub/b.bin"), b"changed").unwrap();
@@ -303,7 +332,11 @@ async fn put_tree_and_get_tree_round_trip_then_resume_sends_nothing() {
     assert!(report.failed.is_empty(), "{:?}", report.failed);
     assert_eq!(report.transferred, files.len() as u64);
     for (name, data) in &files {
-        let expected: &[u8] = if name == "sub/b.bin" { b"changed" } else { data };
+        let expected: &[u8] = if name == "sub/b.bin" {
+            b"changed"
+        } else {
+            data
+        };
         assert!(std::fs::read(dst.join(name)).unwrap() == expected, "{name}");
     }
     assert!(dst.join("void").is_dir());
@@ -315,7 +348,10 @@ async fn put_tree_and_get_tree_round_trip_then_resume_sends_nothing() {
         .get_tree("backup/src", &dst, &mut NoProgress)
         .await
         .unwrap();
-    assert_eq!((report.transferred, report.unchanged), (0, files.len() as u64));
+    assert_eq!(
+        (report.transferred, report.unchanged),
+        (0, files.len() as u64)
+    );
     let large = dst.join("big/large.bin");
     std::fs::OpenOptions::new()
         .write(true)
