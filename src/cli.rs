@@ -5,16 +5,18 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context};
+use bytesize::ByteSize;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use netdisk::client::{Client, ConnectOptions, Progress};
+use netdisk::client::{join_remote, Client, ConnectOptions, Progress, TreeReport};
 use netdisk::config::{self, SavedLogin};
 use netdisk::conncheck;
-use netdisk::protocol::FileEntry;
+use netdisk::protocol::{EntryType, FileEntry};
 use netdisk::scram;
 use netdisk::server::{Server, ServerConfig, TlsSetting};
 use netdisk::tls::ClientTls;
+use netdisk::ErrorCode;
 
 const DEFAULT_SERVER: &str = "127.0.0.1:9000";
 
@@ -65,29 +67,56 @@ enum Command {
     },
     /// End the saved session (on the server too)
     Logout,
-    /// List your files: name, size in bytes, modified time
+    /// List a remote folder: size, modified time, name (folders end with '/')
+    #[command(disable_help_flag = true)]
     Ls {
-        /// Print JSON instead of a table
+        /// Remote folder to list, e.g. photos/2024 (default: your root folder); a file
+        /// lists just that file
+        path: Option<String>,
+        /// Print JSON instead of a table (each entry has its `type`: file or dir)
         #[arg(long)]
         json: bool,
         /// List unfinished (staged) uploads instead
         #[arg(long)]
         partial: bool,
+        /// Sizes in B, KiB, MiB, GiB... instead of bytes
+        #[arg(short = 'h', long)]
+        human: bool,
+        /// Order: name (A-Z), size (largest first) or time (newest first)
+        #[arg(long, value_enum, default_value_t = SortKey::Name)]
+        sort: SortKey,
+        /// Reverse the order
+        #[arg(short, long)]
+        reverse: bool,
+        /// Print help
+        #[arg(long, action = clap::ArgAction::Help)]
+        help: Option<bool>,
     },
-    /// Upload a file (overwrites a file of the same name; resumes an interrupted upload)
+    /// Upload a file (overwrites it; resumes an interrupted upload), or with -r a folder
     Put {
+        /// Local file (with -r: local folder)
         local_file: PathBuf,
-        /// Name on the server (default: the local file's name)
+        /// Remote path, e.g. docs/a.txt (default: the local name in your root folder).
+        /// Ending in '/', or an existing remote folder, means the local name inside it.
+        /// With -r: the remote folder to fill (default: the local folder's name; ending
+        /// in '/' means the local folder's name inside it)
         remote_name: Option<String>,
         /// Discard a staged partial upload and start over
-        #[arg(long)]
+        #[arg(long, conflicts_with = "recursive")]
         restart: bool,
+        /// Upload a folder and everything in it, over one connection; files the server
+        /// already has (same checksum) are skipped, so running it again resumes it.
+        /// Symbolic links are skipped, never followed
+        #[arg(short, long)]
+        recursive: bool,
     },
-    /// Download a file, with resume if the local file exists
+    /// Download a file, with resume if the local file exists, or with -r a folder
     Get {
+        /// Remote path, e.g. docs/a.txt (with -r: a remote folder)
         remote_name: String,
-        /// Where to save it (default: the remote name in the current folder; a folder
-        /// means the remote name inside it)
+        /// Where to save it (default: the remote file's name in the current folder; a
+        /// folder means that name inside it). With -r: the local folder to fill (default:
+        /// the remote folder's name; ending in '/' means that name inside it)
         local_path: Option<PathBuf>,
         /// If the local file exists, continue it without asking
         #[arg(long, conflicts_with = "restart")]
@@ -95,15 +124,25 @@ enum Command {
         /// If the local file exists, overwrite it without asking
         #[arg(long)]
         restart: bool,
+        /// Download a folder and everything in it, over one connection; local files of
+        /// the same size and checksum are kept and partial ones continued, so running
+        /// it again resumes it. Never writes through a local symbolic link
+        #[arg(short, long, conflicts_with_all = ["resume", "restart"])]
+        recursive: bool,
     },
     /// Upload several files over one connection, pipelined (like ftp's mput); each keeps
     /// its local file name and replaces a remote file of that name
     Mput {
+        /// Local files
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Remote folder to put them in (default: your root folder)
+        #[arg(long, value_name = "REMOTE_DIR")]
+        to: Option<String>,
     },
     /// Download several files over one connection, pipelined (like ftp's mget)
     Mget {
+        /// Remote paths; each is saved under its file name
         #[arg(required = true)]
         names: Vec<String>,
         /// Folder to save them in
@@ -113,9 +152,97 @@ enum Command {
         #[arg(long)]
         overwrite: bool,
     },
-    /// Interactive prompt: register, login, ls, put, get, help, quit
+    /// Make a remote folder
+    Mkdir {
+        /// Remote folder to make, e.g. photos/2024
+        path: String,
+        /// Make missing folders above it too; no error if it exists
+        #[arg(short, long)]
+        parents: bool,
+    },
+    /// Remove an empty remote folder
+    Rmdir {
+        /// Remote folder to remove (must be empty; `rm -r` removes a full one)
+        path: String,
+    },
+    /// Remove remote files (a folder needs -r); the server keeps them as versions
+    Rm {
+        /// Remote paths to remove (with --partial: names of staged uploads)
+        #[arg(required = true)]
+        paths: Vec<String>,
+        /// Remove folders and everything in them
+        #[arg(short, long)]
+        recursive: bool,
+        /// Drop staged (unfinished) uploads instead (see `ls --partial`)
+        #[arg(long, conflicts_with = "recursive")]
+        partial: bool,
+    },
+    /// Rename or move a remote file or folder (like mv)
+    Mv {
+        /// Remote path to move
+        source: String,
+        /// New remote path; ending in '/', or an existing folder, means inside it
+        destination: String,
+        /// Replace an existing file at the destination (it is kept as a version)
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Change your password (asks the current one, then the new one twice; scripts set
+    /// NETDISK_PASSWORD and NETDISK_NEW_PASSWORD); your other sessions end
+    Passwd {
+        /// Keep your other sessions (saved logins elsewhere) logged in
+        #[arg(long)]
+        keep_sessions: bool,
+    },
+    /// Print the user you are logged in as
+    Whoami,
+    /// Space used (files and kept versions), the quota and what is free, like df
+    Usage {
+        /// Print JSON (bytes) instead
+        #[arg(long)]
+        json: bool,
+    },
+    /// Earlier versions of a remote path (overwritten or removed), newest first
+    Versions {
+        /// Remote path, e.g. docs/a.txt
+        path: String,
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bring back an earlier version of a remote path (the current file, if any, becomes
+    /// a version itself)
+    Restore {
+        /// Remote path, e.g. docs/a.txt
+        path: String,
+        /// Which version (an id from `netdisk versions PATH`; default: the newest)
+        #[arg(long, value_name = "V")]
+        version: Option<String>,
+    },
+    /// Interactive prompt over one connection: register, login and the file commands
+    /// above (ls, put, get, mkdir, rm, mv, ...), help, quit
     Shell,
     Admin(netdisk::admin::AdminArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum SortKey {
+    Name,
+    Size,
+    Time,
+}
+
+/// One line of `netdisk shell`, parsed like the command line.
+#[derive(Parser)]
+#[command(
+    name = "netdisk",
+    no_binary_name = true,
+    disable_version_flag = true,
+    disable_help_subcommand = true
+)]
+struct ShellLine {
+    #[command(subcommand)]
+    command: Command,
 }
 
 #[derive(Args)]
@@ -243,8 +370,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ui.say(&format!("logged out {}", saved.user));
             Ok(())
         }
-        Command::Ls { json, partial } => {
+        Command::Shell => shell(&remote).await,
+        command => {
             let mut client = remote.authenticated(cli.user.as_deref()).await?;
+            let ctx = Ctx {
+                server: cli.server.clone(),
+                ui,
+            };
+            exec(command, &mut client, &ctx).await
+        }
+    }
+}
+
+/// What the file commands need besides their connection.
+struct Ctx {
+    server: String,
+    ui: Ui,
+}
+
+/// Run one file command on a logged-in connection (from the command line or the shell).
+async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> anyhow::Result<()> {
+    let ui = ctx.ui;
+    match command {
+        Command::Serve(_)
+        | Command::Admin(_)
+        | Command::Register { .. }
+        | Command::Login { .. }
+        | Command::Logout
+        | Command::Shell => bail!("not available here"),
+        Command::Ls {
+            path,
+            json,
+            partial,
+            human,
+            sort,
+            reverse,
+            help: _,
+        } => {
             if partial {
                 let entries = client.list_partial().await?;
                 if json {
@@ -253,17 +415,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     for e in entries {
                         println!(
                             "{:>14} / {:<14} {}  {}",
-                            e.received, e.size, e.updated, e.name
+                            size_text(e.received, human),
+                            size_text(e.size, human),
+                            e.updated,
+                            e.name
                         );
                     }
                 }
-            } else {
-                let entries = client.list().await?;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&entries)?);
-                } else {
-                    print_listing(&entries);
+                return Ok(());
+            }
+            let path = path.unwrap_or_default();
+            let mut entries = match client.list_dir(&path).await {
+                // `ls FILE` shows that file, like ls(1).
+                Err(e) if e.code() == Some(ErrorCode::WrongType) => {
+                    vec![client.stat(&path, false).await?]
                 }
+                other => other?,
+            };
+            sort_entries(&mut entries, sort, reverse);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+            } else {
+                print_listing(&entries, human);
             }
             Ok(())
         }
@@ -271,12 +444,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             local_file,
             remote_name,
             restart,
+            recursive,
         } => {
+            let base = local_base_name(&local_file)?;
+            if recursive {
+                let remote = match remote_name {
+                    None => base,
+                    Some(dir) if dir.ends_with('/') => {
+                        join_remote(dir.trim_end_matches('/'), &base)
+                    }
+                    Some(dir) => dir,
+                };
+                let mut bar = ui.progress();
+                let report = client.put_tree(&local_file, &remote, &mut bar).await?;
+                return report_tree("uploaded", &remote, &report, ui);
+            }
             let name = match remote_name {
-                Some(name) => name,
-                None => file_name_of(&local_file)?,
+                None => base,
+                Some(dir) if dir.ends_with('/') => join_remote(dir.trim_end_matches('/'), &base),
+                Some(name) => match client.stat(&name, false).await {
+                    Ok(entry) if entry.kind == EntryType::Dir => join_remote(&name, &base),
+                    Err(e) if e.code() == Some(ErrorCode::BadName) => return Err(e.into()),
+                    _ => name,
+                },
             };
-            let mut client = remote.authenticated(cli.user.as_deref()).await?;
             let mut bar = ui.progress();
             let outcome = client.put(&local_file, &name, restart, &mut bar).await?;
             ui.say(&format!(
@@ -290,10 +481,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             local_path,
             resume,
             restart,
+            recursive,
         } => {
+            if recursive {
+                let base = remote_base_name(&remote_name);
+                let base = if base.is_empty() { "." } else { base };
+                let local = match local_path {
+                    None => PathBuf::from(base),
+                    Some(dir) if dir.as_os_str().to_string_lossy().ends_with('/') => dir.join(base),
+                    Some(dir) => dir,
+                };
+                let mut bar = ui.progress();
+                let report = client.get_tree(&remote_name, &local, &mut bar).await?;
+                return report_tree("downloaded", &local.display().to_string(), &report, ui);
+            }
             let local = local_target(&remote_name, local_path);
             let resume = decide_resume(&local, resume, restart)?;
-            let mut client = remote.authenticated(cli.user.as_deref()).await?;
             let mut bar = ui.progress();
             let outcome = client.get(&remote_name, &local, resume, &mut bar).await?;
             ui.say(&format!(
@@ -303,19 +506,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ));
             Ok(())
         }
-        Command::Mput { files } => {
+        Command::Mput { files, to } => {
             let mut pairs = Vec::new();
             for path in files {
-                let name = file_name_of(&path)?;
-                pairs.push((path, name));
+                let name = local_base_name(&path)?;
+                let remote = match &to {
+                    Some(dir) => join_remote(dir.trim_end_matches('/'), &name),
+                    None => name,
+                };
+                pairs.push((path, remote));
             }
             let total = pairs
                 .iter()
                 .filter_map(|(path, _)| std::fs::metadata(path).ok())
                 .map(|m| m.len())
                 .sum();
-            let mut client = remote.authenticated(cli.user.as_deref()).await?;
             let mut bar = ui.progress();
+            bar.files_total(pairs.len() as u64);
             bar.start(total, 0);
             let results = client.put_many(&pairs, &mut bar).await?;
             bar.finish();
@@ -330,7 +537,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut wanted = Vec::new();
             let mut skipped = 0;
             for name in &names {
-                let local = dir.join(name);
+                let local = dir.join(remote_base_name(name));
                 if local.exists() && !overwrite {
                     eprintln!(
                         "netdisk: {name}: {} exists (use --overwrite)",
@@ -341,8 +548,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     wanted.push((name.clone(), local));
                 }
             }
-            let mut client = remote.authenticated(cli.user.as_deref()).await?;
             let mut bar = ui.progress();
+            bar.files_total(wanted.len() as u64);
             bar.start(0, 0);
             let results = client.get_many(&wanted, &mut bar).await?;
             bar.finish();
@@ -353,7 +560,196 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Shell => shell(&remote).await,
+        Command::Mkdir { path, parents } => {
+            client.mkdir(&path, parents).await?;
+            ui.say(&format!("made folder {path}"));
+            Ok(())
+        }
+        Command::Rmdir { path } => {
+            let entry = client.stat(&path, false).await?;
+            if entry.kind != EntryType::Dir {
+                bail!("{path} is a file, not a folder (use rm)");
+            }
+            client.rm(&path, false).await?;
+            ui.say(&format!("removed folder {path}"));
+            Ok(())
+        }
+        Command::Rm {
+            paths,
+            recursive,
+            partial,
+        } => {
+            let mut failed = 0;
+            let count = paths.len();
+            for path in &paths {
+                let result = async {
+                    if partial {
+                        client.rm_partial(path).await?;
+                        ui.say(&format!("dropped the staged upload of {path}"));
+                        return anyhow::Ok(());
+                    }
+                    if !recursive {
+                        let entry = client.stat(path, false).await?;
+                        if entry.kind == EntryType::Dir {
+                            bail!("{path} is a folder: use rm -r (or rmdir if it is empty)");
+                        }
+                    }
+                    let removed = client.rm(path, recursive).await?;
+                    ui.say(&format!(
+                        "removed {path} ({} files, {}; kept as versions)",
+                        removed.files,
+                        ByteSize(removed.bytes)
+                    ));
+                    Ok(())
+                }
+                .await;
+                if let Err(e) = result {
+                    if count == 1 {
+                        return Err(e);
+                    }
+                    eprintln!("netdisk: {path}: {e:#}");
+                    failed += 1;
+                }
+            }
+            if failed > 0 {
+                bail!("{failed} of {count} paths failed");
+            }
+            Ok(())
+        }
+        Command::Mv {
+            source,
+            destination,
+            force,
+        } => {
+            let base = remote_base_name(&source).to_string();
+            let target = if destination.ends_with('/') {
+                join_remote(destination.trim_end_matches('/'), &base)
+            } else {
+                match client.stat(&destination, false).await {
+                    Ok(entry) if entry.kind == EntryType::Dir => join_remote(&destination, &base),
+                    Err(e) if e.code() == Some(ErrorCode::BadName) => return Err(e.into()),
+                    _ => destination,
+                }
+            };
+            client.mv(&source, &target, force).await?;
+            ui.say(&format!("moved {source} to {target}"));
+            Ok(())
+        }
+        Command::Passwd { keep_sessions } => {
+            let user = client.whoami().await?;
+            let current = match std::env::var("NETDISK_PASSWORD") {
+                Ok(password) => password,
+                Err(_) => prompt_secret(&format!("current password for {user}: "))?,
+            };
+            let new = match std::env::var("NETDISK_NEW_PASSWORD") {
+                Ok(password) => password,
+                Err(_) => {
+                    let new = prompt_secret("new password: ")?;
+                    if prompt_secret("again: ")? != new {
+                        bail!("the two passwords differ");
+                    }
+                    new
+                }
+            };
+            if new.is_empty() {
+                bail!("the password must not be empty");
+            }
+            let (user, token) = client
+                .change_password(&current, &new, scram::DEFAULT_ITERATIONS, keep_sessions)
+                .await?;
+            // The saved login of this user would be revoked with the other sessions.
+            if config::load_login(&ctx.server)?.is_some_and(|saved| saved.user == user) {
+                config::save_login(
+                    &ctx.server,
+                    SavedLogin {
+                        user: user.clone(),
+                        token,
+                    },
+                )?;
+            }
+            ui.say(&format!(
+                "password changed for {user}{}",
+                if keep_sessions {
+                    ""
+                } else {
+                    "; your other sessions are logged out"
+                }
+            ));
+            Ok(())
+        }
+        Command::Whoami => {
+            println!("{}", client.whoami().await?);
+            Ok(())
+        }
+        Command::Usage { json } => {
+            let usage = client.usage().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&usage)?);
+                return Ok(());
+            }
+            let used = usage.bytes + usage.version_bytes;
+            println!(
+                "files     {:>12}  in {} files",
+                ByteSize(usage.bytes).to_string(),
+                usage.files
+            );
+            println!(
+                "versions  {:>12}  in {} versions (kept for undo; they count toward the quota)",
+                ByteSize(usage.version_bytes).to_string(),
+                usage.versions
+            );
+            if usage.staged_bytes > 0 {
+                println!(
+                    "staged    {:>12}  unfinished uploads",
+                    ByteSize(usage.staged_bytes).to_string()
+                );
+            }
+            match usage.quota {
+                Some(quota) => {
+                    let percent = if quota == 0 {
+                        100.0
+                    } else {
+                        used as f64 * 100.0 / quota as f64
+                    };
+                    println!(
+                        "used      {:>12}  of {} ({percent:.0}%), {} free",
+                        ByteSize(used).to_string(),
+                        ByteSize(quota),
+                        ByteSize(quota.saturating_sub(used))
+                    );
+                }
+                None => println!("used      {:>12}  (no quota)", ByteSize(used).to_string()),
+            }
+            Ok(())
+        }
+        Command::Versions { path, json } => {
+            let versions = client.versions(&path).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&versions)?);
+            } else if versions.is_empty() {
+                ui.say(&format!("no earlier versions of {path}"));
+            } else {
+                for v in versions {
+                    let kind = if v.kind == EntryType::Dir {
+                        "dir "
+                    } else {
+                        "file"
+                    };
+                    println!(
+                        "{}  {kind}  {:>12}  {}",
+                        v.replaced,
+                        ByteSize(v.size).to_string(),
+                        v.id
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Restore { path, version } => {
+            client.restore(&path, version.as_deref()).await?;
+            ui.say(&format!("restored {path}"));
+            Ok(())
+        }
     }
 }
 
@@ -427,13 +823,79 @@ impl Remote {
     }
 }
 
-/// `get NAME [LOCAL]`: LOCAL defaults to NAME here; an existing folder means NAME inside it.
+/// `get PATH [LOCAL]`: LOCAL defaults to PATH's file name here; an existing folder means
+/// that name inside it.
 fn local_target(remote: &str, local: Option<PathBuf>) -> PathBuf {
+    let name = remote_base_name(remote);
     match local {
-        Some(path) if path.is_dir() => path.join(remote),
+        Some(path) if path.is_dir() => path.join(name),
         Some(path) => path,
-        None => PathBuf::from(remote),
+        None => PathBuf::from(name),
     }
+}
+
+/// The last component of a remote path (`a/b/c.txt` → `c.txt`; `""` for the root).
+fn remote_base_name(path: &str) -> &str {
+    path.trim_end_matches('/').rsplit('/').next().unwrap_or("")
+}
+
+/// The name a local file or folder gets on the server (`.` is the current folder's name).
+fn local_base_name(path: &Path) -> anyhow::Result<String> {
+    let named = path.file_name().map(PathBuf::from).or_else(|| {
+        std::fs::canonicalize(path)
+            .ok()
+            .and_then(|p| p.file_name().map(PathBuf::from))
+    });
+    named
+        .as_deref()
+        .and_then(|n| n.to_str())
+        .map(netdisk::names::to_nfc)
+        .ok_or_else(|| {
+            anyhow!(
+                "cannot take a remote name from {}: give one",
+                path.display()
+            )
+        })
+}
+
+/// Bytes as a number, or with `human` as B, KiB, MiB...
+fn size_text(bytes: u64, human: bool) -> String {
+    if human {
+        ByteSize(bytes).to_string()
+    } else {
+        bytes.to_string()
+    }
+}
+
+fn sort_entries(entries: &mut [FileEntry], key: SortKey, reverse: bool) {
+    match key {
+        SortKey::Name => entries.sort_by(|a, b| a.name.cmp(&b.name)),
+        SortKey::Size => entries.sort_by(|a, b| b.size.cmp(&a.size).then(a.name.cmp(&b.name))),
+        SortKey::Time => {
+            entries.sort_by(|a, b| b.modified.cmp(&a.modified).then(a.name.cmp(&b.name)))
+        }
+    }
+    if reverse {
+        entries.reverse();
+    }
+}
+
+/// What `put -r` / `get -r` did: failures one per line, a summary, an error if any failed.
+fn report_tree(verb: &str, target: &str, report: &TreeReport, ui: Ui) -> anyhow::Result<()> {
+    for (path, e) in &report.failed {
+        eprintln!("netdisk: {path}: {e}");
+    }
+    ui.say(&format!(
+        "{verb} {} files ({} bytes, verified) to {target}; {} unchanged, {} skipped",
+        report.transferred,
+        report.bytes,
+        report.unchanged,
+        report.skipped.len()
+    ));
+    if !report.failed.is_empty() {
+        bail!("{} failed", report.failed.len());
+    }
+    Ok(())
 }
 
 /// Whether to continue an existing local file: the flag, else ask on a terminal.
@@ -510,21 +972,18 @@ fn report_many<'a>(
     Ok(())
 }
 
-fn file_name_of(path: &Path) -> anyhow::Result<String> {
-    path.file_name()
-        .and_then(|n| n.to_str())
-        .map(str::to_string)
-        .ok_or_else(|| {
-            anyhow!(
-                "cannot take a remote name from {}: give one",
-                path.display()
-            )
-        })
-}
-
-fn print_listing(entries: &[FileEntry]) {
+fn print_listing(entries: &[FileEntry], human: bool) {
     for e in entries {
-        println!("{:>14}  {}  {}", e.size, e.modified, e.name);
+        if e.kind == EntryType::Dir {
+            println!("{:>14}  {}  {}/", "-", e.modified, e.name);
+        } else {
+            println!(
+                "{:>14}  {}  {}",
+                size_text(e.size, human),
+                e.modified,
+                e.name
+            );
+        }
     }
 }
 
@@ -539,6 +998,14 @@ fn password(user: &str) -> anyhow::Result<String> {
     Ok(rpassword::prompt_password(format!(
         "password for {user}: "
     ))?)
+}
+
+/// A password typed on a terminal (without echo).
+fn prompt_secret(prompt: &str) -> anyhow::Result<String> {
+    if !std::io::stdin().is_terminal() {
+        bail!("no password: set NETDISK_PASSWORD and NETDISK_NEW_PASSWORD or run on a terminal");
+    }
+    Ok(rpassword::prompt_password(prompt)?)
 }
 
 /// A new password, typed twice on a terminal.
@@ -583,6 +1050,7 @@ impl Ui {
             bar: None,
             show_bar: !self.quiet && std::io::stderr().is_terminal(),
             quiet: self.quiet,
+            files: None,
         }
     }
 }
@@ -591,6 +1059,16 @@ struct Bar {
     bar: Option<ProgressBar>,
     show_bar: bool,
     quiet: bool,
+    /// Files done and to do, in a transfer of many.
+    files: Option<(u64, u64)>,
+}
+
+impl Bar {
+    fn show_files(&self) {
+        if let (Some(bar), Some((done, total))) = (&self.bar, self.files) {
+            bar.set_message(format!("{done}/{total} files"));
+        }
+    }
 }
 
 impl Progress for Bar {
@@ -601,13 +1079,26 @@ impl Progress for Bar {
         let bar = ProgressBar::new(total);
         bar.set_style(
             ProgressStyle::with_template(
-                "{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+                "{bar:30} {bytes}/{total_bytes} {msg} {binary_bytes_per_sec} ETA {eta}",
             )
             .expect("valid template"),
         );
         bar.set_position(from);
         bar.reset_eta();
         self.bar = Some(bar);
+        self.show_files();
+    }
+
+    fn files_total(&mut self, total: u64) {
+        self.files = Some((0, total));
+        self.show_files();
+    }
+
+    fn file_done(&mut self) {
+        if let Some((done, _)) = &mut self.files {
+            *done += 1;
+        }
+        self.show_files();
     }
 
     fn advance(&mut self, bytes: u64) {
@@ -632,11 +1123,16 @@ impl Progress for Bar {
     }
 }
 
-/// The interactive prompt of the tutorials: one connection, one command per line.
+/// The interactive prompt of the tutorials: one connection, one command per line, each
+/// parsed like the command line (quotes and backslashes as in a shell).
 async fn shell(remote: &Remote) -> anyhow::Result<()> {
     let (server, ui) = (remote.server.as_str(), remote.ui);
     let mut client = remote.connect().await?;
     let mut user: Option<String> = None;
+    let ctx = Ctx {
+        server: server.to_string(),
+        ui,
+    };
     eprintln!("connected to {server}; type help for the commands");
     let stdin = std::io::stdin();
     loop {
@@ -649,70 +1145,58 @@ async fn shell(remote: &Remote) -> anyhow::Result<()> {
         if stdin.lock().read_line(&mut line)? == 0 {
             return Ok(());
         }
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let result: anyhow::Result<()> = match words.as_slice() {
-            [] => Ok(()),
-            ["help"] => {
-                eprintln!("commands: register USER | login USER | ls | put LOCAL [REMOTE] | get REMOTE [LOCAL] | help | quit");
+        let words = match split_words(&line) {
+            Ok(words) => words,
+            Err(e) => {
+                eprintln!("error: {e}");
+                continue;
+            }
+        };
+        let result: anyhow::Result<()> = match words.first().map(String::as_str) {
+            None => Ok(()),
+            Some("help") => {
+                eprintln!(
+                    "commands: register USER | login USER | ls [PATH] | put [-r] LOCAL [REMOTE] | get [-r] REMOTE [LOCAL] | mput | mget | mkdir [-p] PATH | rmdir PATH | rm [-r] PATH... | mv [-f] SRC DST | passwd | whoami | usage | versions PATH | restore PATH | help | quit\n(COMMAND --help explains one; quote names with spaces)"
+                );
                 Ok(())
             }
-            ["quit"] | ["exit"] => return Ok(()),
-            ["register", name] => {
-                async {
-                    let password = new_password(name)?;
-                    client
-                        .register(name, &password, scram::DEFAULT_ITERATIONS)
-                        .await?;
-                    eprintln!("registered {name}");
+            Some("quit") | Some("exit") => return Ok(()),
+            Some(_) => match ShellLine::try_parse_from(&words) {
+                Err(e) if e.kind() == clap::error::ErrorKind::InvalidSubcommand => {
+                    Err(anyhow!("unknown command; type help"))
+                }
+                Err(e) => {
+                    eprint!("{}", e.render());
                     Ok(())
                 }
-                .await
-            }
-            ["login", name] => {
-                async {
-                    let password = password(name)?;
-                    client.login(name, &password).await?;
-                    user = Some(name.to_string());
-                    eprintln!("logged in as {name}");
-                    Ok(())
-                }
-                .await
-            }
-            ["ls"] => {
-                async {
-                    print_listing(&client.list().await?);
-                    Ok(())
-                }
-                .await
-            }
-            ["put", local, rest @ ..] if rest.len() <= 1 => {
-                async {
-                    let local = PathBuf::from(local);
-                    let remote = match rest.first() {
-                        Some(name) => name.to_string(),
-                        None => file_name_of(&local)?,
-                    };
-                    let outcome = client
-                        .put(&local, &remote, false, &mut ui.progress())
-                        .await?;
-                    eprintln!("uploaded {remote} ({} bytes, verified)", outcome.size);
-                    Ok(())
-                }
-                .await
-            }
-            ["get", remote, rest @ ..] if rest.len() <= 1 => {
-                async {
-                    let local = local_target(remote, rest.first().map(PathBuf::from));
-                    let resume = decide_resume(&local, false, false)?;
-                    let outcome = client
-                        .get(remote, &local, resume, &mut ui.progress())
-                        .await?;
-                    eprintln!("downloaded {remote} ({} bytes, verified)", outcome.size);
-                    Ok(())
-                }
-                .await
-            }
-            _ => Err(anyhow!("unknown command; type help")),
+                Ok(ShellLine { command }) => match command {
+                    Command::Register { user: name } => {
+                        async {
+                            let password = new_password(&name)?;
+                            client
+                                .register(&name, &password, scram::DEFAULT_ITERATIONS)
+                                .await?;
+                            eprintln!("registered {name}");
+                            Ok(())
+                        }
+                        .await
+                    }
+                    Command::Login { user: name } => {
+                        async {
+                            let password = password(&name)?;
+                            client.login(&name, &password).await?;
+                            eprintln!("logged in as {name}");
+                            user = Some(name);
+                            Ok(())
+                        }
+                        .await
+                    }
+                    Command::Serve(_) | Command::Admin(_) | Command::Logout | Command::Shell => {
+                        Err(anyhow!("not available in the shell"))
+                    }
+                    command => exec(command, &mut client, &ctx).await,
+                },
+            },
         };
         if let Err(e) = result {
             eprintln!("error: {e:#}");
@@ -720,9 +1204,85 @@ async fn shell(remote: &Remote) -> anyhow::Result<()> {
     }
 }
 
+/// Split a shell line into words: whitespace separates, '...' and "..." quote, a
+/// backslash escapes the next character (outside single quotes).
+fn split_words(line: &str) -> anyhow::Result<Vec<String>> {
+    let mut words = Vec::new();
+    let mut word: Option<String> = None;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            c if c.is_whitespace() => {
+                if let Some(w) = word.take() {
+                    words.push(w);
+                }
+            }
+            '\'' => {
+                let w = word.get_or_insert_with(String::new);
+                loop {
+                    match chars.next() {
+                        Some('\'') => break,
+                        Some(c) => w.push(c),
+                        None => bail!("unterminated ' quote"),
+                    }
+                }
+            }
+            '"' => {
+                let w = word.get_or_insert_with(String::new);
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            Some(c) => w.push(c),
+                            None => bail!("unterminated \" quote"),
+                        },
+                        Some(c) => w.push(c),
+                        None => bail!("unterminated \" quote"),
+                    }
+                }
+            }
+            '\\' => match chars.next() {
+                Some(c) => word.get_or_insert_with(String::new).push(c),
+                None => bail!("a backslash at the end of the line"),
+            },
+            c => word.get_or_insert_with(String::new).push(c),
+        }
+    }
+    if let Some(w) = word {
+        words.push(w);
+    }
+    Ok(words)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shell_words_split_like_a_shell() {
+        assert_eq!(
+            split_words("put 'my file.txt' \"a b/c\" d\\ e\n").unwrap(),
+            ["put", "my file.txt", "a b/c", "d e"]
+        );
+        assert_eq!(split_words("  ").unwrap(), Vec::<String>::new());
+        assert_eq!(split_words("rm ''").unwrap(), ["rm", ""]);
+        assert!(split_words("get 'open").is_err());
+    }
+
+    #[test]
+    fn remote_base_names() {
+        assert_eq!(remote_base_name("a/b/c.txt"), "c.txt");
+        assert_eq!(remote_base_name("c.txt"), "c.txt");
+        assert_eq!(remote_base_name("photos/"), "photos");
+        assert_eq!(remote_base_name(""), "");
+    }
+
+    #[test]
+    fn clap_definitions_are_valid() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        ShellLine::command().debug_assert();
+    }
 
     #[test]
     fn sizes_parse_with_units() {

@@ -11,10 +11,11 @@ use tokio::net::TcpStream;
 use crate::conncheck;
 use crate::digest::{file_digest, hash_reader, ChunkHash, ChunkHasher, CHUNK_SIZE};
 use crate::error::{Error, ErrorCode, Result};
-use crate::names::{check_file_name, check_user_name};
+use crate::names::{check_file_name, check_user_name, split_remote_path, to_nfc};
 use crate::protocol::{
-    parse_reply, AuthReply, CommitReply, Connection, Done, FileEntry, GetReply, HelloReply,
-    ListReply, PartialEntry, PutReply, Request, UserReply, PROTOCOL_VERSION,
+    parse_reply, AuthReply, CommitReply, Connection, Done, EntryType, FileEntry, GetReply,
+    HelloReply, ListReply, PartialEntry, PutReply, Request, RmReply, UsageReply, UserReply,
+    VersionEntry, VersionsReply, PROTOCOL_VERSION,
 };
 use crate::scram::{ClientFirst, Verifier};
 use crate::tls::{self, ClientTls};
@@ -31,6 +32,32 @@ pub trait Progress: Send {
     fn finish(&mut self) {}
     /// Something the user should know (a resume, a restart and why).
     fn notice(&mut self, _message: &str) {}
+    /// A transfer of many files will move `total` files (`put -r`, `get -r`).
+    fn files_total(&mut self, _total: u64) {}
+    /// One more of those files is done (sent, fetched, unchanged or failed).
+    fn file_done(&mut self) {}
+}
+
+/// One overall progress for a batch: the per-file `start`/`finish` of the single-file
+/// transfers inside become plain advances of the batch's bar.
+struct Overall<'a>(&'a mut dyn Progress);
+
+impl Progress for Overall<'_> {
+    fn start(&mut self, _total: u64, from: u64) {
+        self.0.advance(from);
+    }
+    fn advance(&mut self, bytes: u64) {
+        self.0.advance(bytes);
+    }
+    fn notice(&mut self, message: &str) {
+        self.0.notice(message);
+    }
+    fn files_total(&mut self, total: u64) {
+        self.0.files_total(total);
+    }
+    fn file_done(&mut self) {
+        self.0.file_done();
+    }
 }
 
 /// Reports nothing.
@@ -184,32 +211,215 @@ impl Client {
         Ok(())
     }
 
-    /// The user's files.
+    /// The files and folders in the user's root folder.
     pub async fn list(&mut self) -> Result<Vec<FileEntry>> {
-        self.list_body(false).await
+        self.list_dir("").await
+    }
+
+    /// The files and folders in one remote folder (`""` is the root), sorted by name: all
+    /// pages of the listing collected.
+    pub async fn list_dir(&mut self, path: &str) -> Result<Vec<FileEntry>> {
+        let path = remote_path(path)?;
+        self.list_pages(&path, false).await
     }
 
     /// The user's staged, unfinished uploads.
     pub async fn list_partial(&mut self) -> Result<Vec<PartialEntry>> {
-        self.list_body(true).await
+        self.list_pages("", true).await
     }
 
-    async fn list_body<T: serde::de::DeserializeOwned>(&mut self, partial: bool) -> Result<T> {
-        let reply: ListReply = self
+    async fn list_pages<T: serde::de::DeserializeOwned>(
+        &mut self,
+        path: &str,
+        partial: bool,
+    ) -> Result<Vec<T>> {
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let reply: ListReply = self
+                .conn
+                .call(&Request::Ls {
+                    path: path.to_string(),
+                    partial,
+                    after: after.clone(),
+                    limit: None,
+                })
+                .await?;
+            if reply.filesize > MAX_LISTING_LEN {
+                return Err(Error::Protocol("listing too large".into()));
+            }
+            let mut body = vec![0u8; reply.filesize as usize];
+            self.conn.read_body(&mut body).await?;
+            let page: Vec<T> = serde_json::from_slice(&body)
+                .map_err(|e| Error::Protocol(format!("bad listing: {e}")))?;
+            all.extend(page);
+            match reply.next {
+                Some(next) if after.as_deref() != Some(next.as_str()) => after = Some(next),
+                Some(_) => return Err(Error::Protocol("the listing does not advance".into())),
+                None => return Ok(all),
+            }
+        }
+    }
+
+    /// One file or folder; with `digest`, a file's checksum too.
+    pub async fn stat(&mut self, path: &str, digest: bool) -> Result<FileEntry> {
+        let path = remote_path(path)?;
+        self.conn.call(&Request::Stat { path, digest }).await
+    }
+
+    /// Make a folder; with `parents`, also the missing ones above it (and no error if it
+    /// exists).
+    pub async fn mkdir(&mut self, path: &str, parents: bool) -> Result<()> {
+        let path = non_root(remote_path(path)?)?;
+        let _: Done = self.conn.call(&Request::Mkdir { path, parents }).await?;
+        Ok(())
+    }
+
+    /// Remove a file or an empty folder; with `recursive`, a folder and all inside it.
+    /// What is removed is kept on the server as a version (see [`Client::versions`]).
+    pub async fn rm(&mut self, path: &str, recursive: bool) -> Result<RmReply> {
+        let path = non_root(remote_path(path)?)?;
+        self.call_lenient(&Request::Rm {
+            path,
+            recursive,
+            partial: false,
+        })
+        .await
+    }
+
+    /// Drop a staged (unfinished) upload.
+    pub async fn rm_partial(&mut self, path: &str) -> Result<RmReply> {
+        let path = non_root(remote_path(path)?)?;
+        self.call_lenient(&Request::Rm {
+            path,
+            recursive: false,
+            partial: true,
+        })
+        .await
+    }
+
+    /// Rename or move `from` to exactly `to`; an existing `to` is an `exists` error unless
+    /// `overwrite` (files only).
+    pub async fn mv(&mut self, from: &str, to: &str, overwrite: bool) -> Result<()> {
+        let from = non_root(remote_path(from)?)?;
+        let to = non_root(remote_path(to)?)?;
+        let _: Done = self
             .conn
-            .call(&Request::Ls {
-                path: String::new(),
-                partial,
-                after: None,
-                limit: None,
+            .call(&Request::Mv {
+                from,
+                to,
+                overwrite,
             })
             .await?;
-        if reply.filesize > MAX_LISTING_LEN {
-            return Err(Error::Protocol("listing too large".into()));
+        Ok(())
+    }
+
+    /// Space used, versions kept and the quota.
+    pub async fn usage(&mut self) -> Result<UsageReply> {
+        self.conn.call(&Request::Usage).await
+    }
+
+    /// The user this connection is logged in as.
+    pub async fn whoami(&mut self) -> Result<String> {
+        let reply: UserReply = self.conn.call(&Request::Whoami).await?;
+        Ok(reply.user)
+    }
+
+    /// Earlier versions of `path` (overwritten or removed), newest first.
+    pub async fn versions(&mut self, path: &str) -> Result<Vec<VersionEntry>> {
+        let path = non_root(remote_path(path)?)?;
+        let reply: VersionsReply = self.conn.call(&Request::Versions { path }).await?;
+        Ok(reply.versions)
+    }
+
+    /// Bring back a version of `path` (default the newest); the current file, if any,
+    /// becomes a version itself.
+    pub async fn restore(&mut self, path: &str, version: Option<&str>) -> Result<()> {
+        let path = non_root(remote_path(path)?)?;
+        let _: Done = self
+            .conn
+            .call(&Request::Restore {
+                path,
+                version: version.map(str::to_string),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Change the logged-in user's password: SCRAM proves `current` (the server proves
+    /// itself too), and only the verifier of `new` is sent. Returns the user and a new
+    /// session token; the user's other sessions end unless `keep_sessions`.
+    pub async fn change_password(
+        &mut self,
+        current: &str,
+        new: &str,
+        iterations: u32,
+        keep_sessions: bool,
+    ) -> Result<(String, String)> {
+        let user = self.whoami().await?;
+        let first = ClientFirst::new(&user).map_err(|e| Error::Invalid(e.to_string()))?;
+        let reply: AuthReply = self
+            .conn
+            .call(&Request::PasswdStart {
+                message: first.message(),
+            })
+            .await?;
+        let (current, new) = (current.to_string(), new.to_string());
+        let (last, verifier) = blocking(move || {
+            let last = first
+                .handle_server_first(&reply.message, &current)
+                .map_err(|e| Error::Protocol(format!("passwd: {e}")))?;
+            Ok((last, Verifier::new(&new, iterations)))
+        })
+        .await?;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let reply: AuthReply = self
+            .conn
+            .call(&Request::PasswdFinish {
+                message: last.message(),
+                salt: b64.encode(&verifier.salt),
+                iterations: verifier.iterations,
+                stored_key: b64.encode(verifier.stored_key),
+                server_key: b64.encode(verifier.server_key),
+                keep_sessions,
+            })
+            .await?;
+        last.verify_server_final(&reply.message).map_err(|e| {
+            Error::Protocol(format!("the server failed to prove its identity: {e}"))
+        })?;
+        let token = reply
+            .token
+            .ok_or_else(|| Error::Protocol("passwd reply without a session token".into()))?;
+        Ok((reply.user.unwrap_or(user), token))
+    }
+
+    /// A call whose reply fields are optional to this client (missing ones are defaults).
+    async fn call_lenient<T: serde::de::DeserializeOwned + Default>(
+        &mut self,
+        request: &Request,
+    ) -> Result<T> {
+        let reply: serde_json::Map<String, serde_json::Value> = self.conn.call(request).await?;
+        Ok(serde_json::from_value(serde_json::Value::Object(reply)).unwrap_or_default())
+    }
+
+    /// Send `requests` pipelined (at most [`PIPELINE_WINDOW`] unanswered) and collect one
+    /// reply per request, in order. A server's refusal is that request's result; a broken
+    /// connection ends everything.
+    pub async fn pipelined<T: serde::de::DeserializeOwned>(
+        &mut self,
+        requests: &[Request],
+    ) -> Result<Vec<Result<T>>> {
+        let mut results = Vec::with_capacity(requests.len());
+        let mut sent = 0;
+        while results.len() < requests.len() {
+            while sent < requests.len() && sent < results.len() + PIPELINE_WINDOW {
+                self.conn.write_header(&requests[sent]).await?;
+                sent += 1;
+            }
+            self.conn.flush().await?;
+            results.push(keep_remote(self.conn.read_reply::<T>().await)?);
         }
-        let mut body = vec![0u8; reply.filesize as usize];
-        self.conn.read_body(&mut body).await?;
-        serde_json::from_slice(&body).map_err(|e| Error::Protocol(format!("bad listing: {e}")))
+        Ok(results)
     }
 
     /// Upload `local` as `remote`, overwriting it. Continues a staged partial upload of
@@ -223,11 +433,29 @@ impl Client {
         restart: bool,
         progress: &mut dyn Progress,
     ) -> Result<TransferOutcome> {
-        check_file_name(remote)?;
+        self.put_checked(local, remote, restart, None, progress)
+            .await
+            .map(|(outcome, _)| outcome)
+    }
+
+    /// `put`, sending the local file's checksum if known: `true` with the outcome when the
+    /// remote file already had it and nothing was sent.
+    async fn put_checked(
+        &mut self,
+        local: &Path,
+        remote: &str,
+        restart: bool,
+        digest: Option<String>,
+        progress: &mut dyn Progress,
+    ) -> Result<(TransferOutcome, bool)> {
+        let remote = &non_root(remote_path(remote)?)?;
         let mut restart = restart;
         let mut retries = 0;
         loop {
-            match self.put_once(local, remote, restart, progress).await {
+            match self
+                .put_once(local, remote, restart, digest.clone(), progress)
+                .await
+            {
                 Err(Error::Remote {
                     code: ErrorCode::ChecksumMismatch,
                     ..
@@ -250,8 +478,9 @@ impl Client {
         local: &Path,
         remote: &str,
         restart: bool,
+        digest: Option<String>,
         progress: &mut dyn Progress,
-    ) -> Result<TransferOutcome> {
+    ) -> Result<(TransferOutcome, bool)> {
         let mut file = open_local(local)?;
         let size = file.metadata()?.len();
         let reply: PutReply = self
@@ -260,9 +489,19 @@ impl Client {
                 filename: remote.to_string(),
                 size,
                 restart,
-                digest: None,
+                digest: digest.clone(),
             })
             .await?;
+        if let (true, Some(digest)) = (reply.unchanged, digest) {
+            progress.start(size, size);
+            progress.finish();
+            let outcome = TransferOutcome {
+                size,
+                resumed_from: size,
+                digest,
+            };
+            return Ok((outcome, true));
+        }
         let offset = reply.offset;
         if offset > size || !(offset.is_multiple_of(CHUNK_SIZE) || offset == size) {
             return Err(Error::Protocol(format!(
@@ -340,7 +579,7 @@ impl Client {
         data_reply?;
         let commit = commit_reply?;
         progress.finish();
-        verify_commit(&commit, size, digest, size - to_send)
+        verify_commit(&commit, size, digest, size - to_send).map(|outcome| (outcome, false))
     }
 
     /// Download `remote` into `local`. With `resume`, an existing local file is taken as a
@@ -354,7 +593,7 @@ impl Client {
         resume: bool,
         progress: &mut dyn Progress,
     ) -> Result<TransferOutcome> {
-        check_file_name(remote)?;
+        let remote = &non_root(remote_path(remote)?)?;
         match self.get_once(remote, local, resume, progress).await {
             Err(Error::ChecksumMismatch(_)) if resume => {
                 progress.notice(
@@ -474,21 +713,67 @@ impl Client {
         files: &[(PathBuf, String)],
         progress: &mut dyn Progress,
     ) -> Result<Vec<Result<TransferOutcome>>> {
+        let files: Vec<_> = files
+            .iter()
+            .map(|(local, remote)| (local.clone(), remote.clone(), None))
+            .collect();
+        let results = self.put_many_checked(&files, progress).await?;
+        Ok(results
+            .into_iter()
+            .map(|r| r.map(|(outcome, _)| outcome))
+            .collect())
+    }
+
+    /// `put_many` with the local checksum of files when known, which large files send
+    /// along so that an unchanged one is not sent (`true` in its result).
+    async fn put_many_checked(
+        &mut self,
+        files: &[(PathBuf, String, Option<String>)],
+        progress: &mut dyn Progress,
+    ) -> Result<Vec<Result<(TransferOutcome, bool)>>> {
         let mut results: Vec<Option<Result<TransferOutcome>>> = Vec::new();
+        let mut unchanged = vec![false; files.len()];
         let mut in_flight: VecDeque<(usize, u64, String)> = VecDeque::new();
-        for (local, remote) in files {
+        for (local, remote, digest) in files {
             let index = results.len();
             results.push(None);
-            let content = match check_file_name(remote).and_then(|_| read_small_file(local)) {
+            let checked = remote_path(remote).and_then(non_root);
+            let content = match checked.as_ref() {
+                Ok(_) => read_small_file(local),
+                Err(e) => Err(Error::remote(ErrorCode::BadName, e.to_string())),
+            };
+            let content = match content {
                 Ok(Some(content)) => content,
                 Ok(None) => {
                     // Large: after the pipeline drains, on its own with resume.
-                    self.drain_puts(&mut in_flight, &mut results).await?;
-                    results[index] = Some(self.put(local, remote, true, progress).await);
+                    self.drain_puts(&mut in_flight, &mut results, progress)
+                        .await?;
+                    let result = self
+                        .put_checked(
+                            local,
+                            remote,
+                            false,
+                            digest.clone(),
+                            &mut Overall(&mut *progress),
+                        )
+                        .await;
+                    // A broken connection ends everything.
+                    let result = match result {
+                        Err(e @ (Error::Io(_) | Error::ConnectionClosed | Error::Protocol(_))) => {
+                            return Err(e)
+                        }
+                        other => other,
+                    };
+                    results[index] = Some(result.map(|(outcome, same)| {
+                        unchanged[index] = same;
+                        outcome
+                    }));
+                    progress.file_done();
                     continue;
                 }
                 Err(e) => {
                     results[index] = Some(Err(e));
+                    progress.file_done();
                     continue;
                 }
             };
@@ -497,7 +782,7 @@ impl Client {
             let size = content.len() as u64;
             self.conn
                 .write_header(&Request::Put {
-                    filename: remote.clone(),
+                    filename: checked?,
                     size,
                     restart: true,
                     digest: None,
@@ -518,10 +803,12 @@ impl Client {
                     .await?;
             }
         }
-        self.drain_puts(&mut in_flight, &mut results).await?;
+        self.drain_puts(&mut in_flight, &mut results, progress)
+            .await?;
         Ok(results
             .into_iter()
-            .map(|r| r.expect("every file has a result"))
+            .zip(unchanged)
+            .map(|(r, same)| r.expect("every file has a result").map(|o| (o, same)))
             .collect())
     }
 
@@ -529,11 +816,11 @@ impl Client {
         &mut self,
         in_flight: &mut VecDeque<(usize, u64, String)>,
         results: &mut [Option<Result<TransferOutcome>>],
+        progress: &mut dyn Progress,
     ) -> Result<()> {
         self.conn.flush().await?;
         while !in_flight.is_empty() {
-            self.read_put_replies(in_flight, results, &mut NoProgress)
-                .await?;
+            self.read_put_replies(in_flight, results, progress).await?;
         }
         Ok(())
     }
@@ -557,6 +844,7 @@ impl Client {
             .and(commit)
             .and_then(|commit| verify_commit(&commit, size, digest, 0));
         progress.advance(size);
+        progress.file_done();
         results[index] = Some(result);
         Ok(())
     }
@@ -570,12 +858,22 @@ impl Client {
     ) -> Result<Vec<Result<TransferOutcome>>> {
         let mut results = Vec::with_capacity(files.len());
         let mut sent = 0;
+        let names: Vec<Result<String>> = files
+            .iter()
+            .map(|(remote, _)| remote_path(remote).and_then(non_root))
+            .collect();
         for (index, (_, local)) in files.iter().enumerate() {
             // Keep up to PIPELINE_WINDOW requests ahead of the replies.
             while sent < files.len() && sent < index + PIPELINE_WINDOW {
+                // A bad name is asked for anyway (the server refuses it too), so that
+                // there stays exactly one reply per file.
+                let filename = match &names[sent] {
+                    Ok(name) => name.clone(),
+                    Err(_) => files[sent].0.clone(),
+                };
                 self.conn
                     .write_header(&Request::Get {
-                        filename: files[sent].0.clone(),
+                        filename,
                         offset: 0,
                         check_chunk: None,
                     })
@@ -583,7 +881,16 @@ impl Client {
                 sent += 1;
             }
             self.conn.flush().await?;
-            let result = match keep_remote(self.conn.read_reply::<GetReply>().await)? {
+            let reply = keep_remote(self.conn.read_reply::<GetReply>().await)?;
+            let reply = match (&names[index], reply) {
+                (Err(e), Ok(reply)) => {
+                    // Never write what was not asked for properly.
+                    self.conn.skip_body(reply.filesize).await?;
+                    Err(Error::remote(ErrorCode::BadName, e.to_string()))
+                }
+                (_, reply) => reply,
+            };
+            let result = match reply {
                 Ok(reply) if reply.offset == 0 => {
                     let outcome = self.receive_download(&reply, local, &mut NoProgress).await;
                     // A local failure (cannot write, checksum) is this file's; a broken
@@ -601,9 +908,301 @@ impl Client {
             if let Ok(outcome) = &result {
                 progress.advance(outcome.size);
             }
+            progress.file_done();
             results.push(result);
         }
         Ok(results)
+    }
+
+    /// Upload the folder `local_dir` and everything in it as the remote folder
+    /// `remote_dir` (made if missing), over this one connection, pipelined like
+    /// [`Client::put_many`]. Resumable: files whose remote copy already has the local
+    /// checksum are not sent, and large files continue their staged uploads. Symbolic links
+    /// (and other special files) are never followed: they are skipped with a notice.
+    /// Names go to the server in Unicode NFC.
+    pub async fn put_tree(
+        &mut self,
+        local_dir: &Path,
+        remote_dir: &str,
+        progress: &mut dyn Progress,
+    ) -> Result<TreeReport> {
+        let remote_dir = remote_path(remote_dir)?;
+        let mut report = TreeReport::default();
+        if !std::fs::metadata(local_dir)
+            .map_err(|e| Error::Invalid(format!("cannot read {}: {e}", local_dir.display())))?
+            .is_dir()
+        {
+            return Err(Error::Invalid(format!(
+                "{} is not a folder",
+                local_dir.display()
+            )));
+        }
+        let (dirs, files) = walk_local(local_dir, &mut report, progress)?;
+        let total: u64 = files.iter().map(|f| f.2).sum();
+        progress.files_total(files.len() as u64);
+        progress.start(total, 0);
+
+        // Folders first (put makes missing parents, but empty folders must exist too).
+        let mut folders = Vec::new();
+        if !remote_dir.is_empty() {
+            folders.push(remote_dir.clone());
+        }
+        folders.extend(dirs.iter().map(|rel| join_remote(&remote_dir, rel)));
+        let requests: Vec<Request> = folders
+            .iter()
+            .map(|path| Request::Mkdir {
+                path: path.clone(),
+                parents: true,
+            })
+            .collect();
+        for (path, result) in folders.iter().zip(self.pipelined::<Done>(&requests).await?) {
+            match result {
+                Ok(_) => report.folders += 1,
+                Err(e) => report.failed.push((path.clone(), e)),
+            }
+        }
+
+        // The local checksums, then which remote files already have them.
+        let paths: Vec<PathBuf> = files.iter().map(|f| f.0.clone()).collect();
+        let digests = blocking(move || {
+            Ok(paths
+                .iter()
+                .map(|path| {
+                    let file = open_local(path)?;
+                    Ok(file_digest(&hash_reader(file)?).to_hex().to_string())
+                })
+                .collect::<Vec<Result<String>>>())
+        })
+        .await?;
+        let requests: Vec<Request> = files
+            .iter()
+            .map(|(_, rel, _)| Request::Stat {
+                path: join_remote(&remote_dir, rel),
+                digest: true,
+            })
+            .collect();
+        let remote = self.pipelined::<FileEntry>(&requests).await?;
+        let mut to_send = Vec::new();
+        for (((local, rel, size), digest), remote) in files.into_iter().zip(digests).zip(remote) {
+            let digest = match digest {
+                Ok(digest) => digest,
+                Err(e) => {
+                    report.failed.push((rel, e));
+                    progress.file_done();
+                    continue;
+                }
+            };
+            match remote {
+                Ok(entry)
+                    if entry.kind == EntryType::File
+                        && entry.size == size
+                        && entry.digest.as_deref() == Some(digest.as_str()) =>
+                {
+                    report.unchanged += 1;
+                    progress.advance(size);
+                    progress.file_done();
+                }
+                _ => to_send.push((local, join_remote(&remote_dir, &rel), Some(digest))),
+            }
+        }
+        let results = self.put_many_checked(&to_send, progress).await?;
+        for ((_, remote, _), result) in to_send.iter().zip(results) {
+            match result {
+                Ok((_, true)) => report.unchanged += 1,
+                Ok((outcome, false)) => {
+                    report.transferred += 1;
+                    report.bytes += outcome.size;
+                }
+                Err(e) => report.failed.push((remote.clone(), e)),
+            }
+        }
+        progress.finish();
+        Ok(report)
+    }
+
+    /// Download the remote folder `remote_dir` and everything in it into the local folder
+    /// `local_dir` (made if missing), over this one connection, pipelined like
+    /// [`Client::get_many`]. Resumable: local files of the same size and checksum are
+    /// kept, shorter ones are continued as [`Client::get`] does. Never writes through a
+    /// local symbolic link: such entries are skipped with a notice.
+    pub async fn get_tree(
+        &mut self,
+        remote_dir: &str,
+        local_dir: &Path,
+        progress: &mut dyn Progress,
+    ) -> Result<TreeReport> {
+        let remote_dir = remote_path(remote_dir)?;
+        let mut report = TreeReport::default();
+        if !remote_dir.is_empty() {
+            let entry = self.stat(&remote_dir, false).await?;
+            if entry.kind != EntryType::Dir {
+                return Err(Error::remote(
+                    ErrorCode::WrongType,
+                    format!("{remote_dir} is not a folder"),
+                ));
+            }
+        }
+        // The whole tree, folder by folder (parents before children).
+        let mut dirs: Vec<String> = Vec::new();
+        let mut files: Vec<(String, u64)> = Vec::new();
+        let mut queue = VecDeque::from([String::new()]);
+        while let Some(rel) = queue.pop_front() {
+            for entry in self.list_dir(&join_remote(&remote_dir, &rel)).await? {
+                let child = join_remote(&rel, &entry.name);
+                if let Err(e) = check_file_name(&entry.name) {
+                    // The server's names are not trusted with the local disk either.
+                    report.failed.push((child, e));
+                    continue;
+                }
+                match entry.kind {
+                    EntryType::Dir => {
+                        dirs.push(child.clone());
+                        queue.push_back(child);
+                    }
+                    EntryType::File => files.push((child, entry.size)),
+                }
+            }
+        }
+        let total: u64 = files.iter().map(|f| f.1).sum();
+        progress.files_total(files.len() as u64);
+        progress.start(total, 0);
+
+        std::fs::create_dir_all(local_dir)
+            .map_err(|e| Error::Invalid(format!("cannot make {}: {e}", local_dir.display())))?;
+        let mut blocked: Vec<String> = Vec::new();
+        let under = |blocked: &[String], rel: &str| {
+            blocked.iter().any(|b| {
+                rel.strip_prefix(b.as_str())
+                    .is_some_and(|r| r.starts_with('/'))
+            })
+        };
+        for rel in &dirs {
+            if under(&blocked, rel) {
+                continue;
+            }
+            let path = local_dir.join(rel);
+            match std::fs::symlink_metadata(&path) {
+                Ok(meta) if meta.is_dir() => {}
+                Ok(_) => {
+                    let why = format!(
+                        "{}: exists and is not a folder (symbolic links are not followed); skipped",
+                        path.display()
+                    );
+                    progress.notice(&why);
+                    report.skipped.push(why);
+                    blocked.push(rel.clone());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    match std::fs::create_dir(&path) {
+                        Ok(()) => report.folders += 1,
+                        Err(e) => {
+                            report.failed.push((
+                                rel.clone(),
+                                Error::Invalid(format!("cannot make {}: {e}", path.display())),
+                            ));
+                            blocked.push(rel.clone());
+                        }
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+
+        // What each local file is: missing, a partial copy, the same size, or in the way.
+        let mut fetch: Vec<(String, PathBuf)> = Vec::new();
+        let mut resume: Vec<(String, PathBuf)> = Vec::new();
+        let mut compare: Vec<(String, PathBuf, u64)> = Vec::new();
+        for (rel, size) in files {
+            let remote = join_remote(&remote_dir, &rel);
+            let path = local_dir.join(&rel);
+            if under(&blocked, &rel) {
+                progress.advance(size);
+                progress.file_done();
+                continue;
+            }
+            match std::fs::symlink_metadata(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => fetch.push((remote, path)),
+                Err(e) => return Err(e.into()),
+                Ok(meta) if !meta.is_file() => {
+                    let why = format!(
+                        "{}: exists and is not a regular file (symbolic links are not followed); skipped",
+                        path.display()
+                    );
+                    progress.notice(&why);
+                    report.skipped.push(why);
+                    progress.advance(size);
+                    progress.file_done();
+                }
+                Ok(meta) if meta.len() == size => compare.push((remote, path, size)),
+                Ok(meta) if meta.len() > 0 && meta.len() < size => resume.push((remote, path)),
+                Ok(_) => fetch.push((remote, path)),
+            }
+        }
+
+        // Same size: the same file if the checksums match too.
+        let paths: Vec<PathBuf> = compare.iter().map(|c| c.1.clone()).collect();
+        let digests = blocking(move || {
+            Ok(paths
+                .iter()
+                .map(|path| {
+                    open_local(path)
+                        .and_then(|file| Ok(hash_reader(file)?))
+                        .map(|chunks| file_digest(&chunks).to_hex().to_string())
+                        .ok()
+                })
+                .collect::<Vec<Option<String>>>())
+        })
+        .await?;
+        let requests: Vec<Request> = compare
+            .iter()
+            .map(|(remote, _, _)| Request::Stat {
+                path: remote.clone(),
+                digest: true,
+            })
+            .collect();
+        let stats = self.pipelined::<FileEntry>(&requests).await?;
+        for (((remote, path, size), local), stat) in compare.into_iter().zip(digests).zip(stats) {
+            let same = match (&local, &stat) {
+                (Some(local), Ok(entry)) => entry.digest.as_deref() == Some(local.as_str()),
+                _ => false,
+            };
+            if same {
+                report.unchanged += 1;
+                progress.advance(size);
+                progress.file_done();
+            } else {
+                fetch.push((remote, path));
+            }
+        }
+
+        let results = self.get_many(&fetch, progress).await?;
+        for ((remote, _), result) in fetch.iter().zip(results) {
+            match result {
+                Ok(outcome) => {
+                    report.transferred += 1;
+                    report.bytes += outcome.size;
+                }
+                Err(e) => report.failed.push((remote.clone(), e)),
+            }
+        }
+        for (remote, path) in resume {
+            match self
+                .get(&remote, &path, true, &mut Overall(&mut *progress))
+                .await
+            {
+                Ok(outcome) => {
+                    report.transferred += 1;
+                    report.bytes += outcome.size;
+                }
+                Err(e @ (Error::Io(_) | Error::ConnectionClosed | Error::Protocol(_))) => {
+                    return Err(e)
+                }
+                Err(e) => report.failed.push((remote, e)),
+            }
+            progress.file_done();
+        }
+        progress.finish();
+        Ok(report)
     }
 
     /// Queue a `put_commit` for a file with these chunk hashes; returns its digest. The
@@ -626,6 +1225,113 @@ impl Client {
         let _: Done = self.conn.call(&Request::Quit).await?;
         Ok(())
     }
+}
+
+/// What a folder transfer (`put_tree`, `get_tree`) did.
+#[derive(Debug, Default)]
+pub struct TreeReport {
+    /// Files sent or fetched.
+    pub transferred: u64,
+    /// Their sizes.
+    pub bytes: u64,
+    /// Files already the same on both sides, not sent again.
+    pub unchanged: u64,
+    /// Folders made (or found) on the receiving side.
+    pub folders: u64,
+    /// Entries left out on purpose (symbolic links, special files), with why.
+    pub skipped: Vec<String>,
+    /// Paths that failed, with why.
+    pub failed: Vec<(String, Error)>,
+}
+
+/// A remote path as it goes on the wire: Unicode NFC, components joined by '/', each a
+/// valid file name (no `.` or `..`, so it cannot leave the user's folder). `""` (or `/`)
+/// is the user's root folder; a leading `/` is that root, one trailing `/` is dropped.
+pub fn remote_path(path: &str) -> Result<String> {
+    let nfc = to_nfc(path);
+    Ok(split_remote_path(&nfc)?.join("/"))
+}
+
+/// Refuse the root folder where a file or folder inside it is needed.
+fn non_root(path: String) -> Result<String> {
+    if path.is_empty() {
+        return Err(Error::remote(
+            ErrorCode::BadName,
+            "the root folder cannot be used here: give a path inside it",
+        ));
+    }
+    Ok(path)
+}
+
+/// `dir/name`, or `name` in the root.
+pub fn join_remote(dir: &str, name: &str) -> String {
+    if dir.is_empty() {
+        name.to_string()
+    } else {
+        format!("{dir}/{name}")
+    }
+}
+
+/// The folders (relative paths, parents first) and regular files (local path, relative
+/// remote path in NFC, size) under `root`. Symbolic links and special files are skipped
+/// with a notice, names that cannot go remote are failures; nothing is followed.
+#[allow(clippy::type_complexity)]
+fn walk_local(
+    root: &Path,
+    report: &mut TreeReport,
+    progress: &mut dyn Progress,
+) -> Result<(Vec<String>, Vec<(PathBuf, String, u64)>)> {
+    let mut dirs = Vec::new();
+    let mut files = Vec::new();
+    let mut queue = VecDeque::from([(root.to_path_buf(), String::new())]);
+    while let Some((dir, rel)) = queue.pop_front() {
+        let read = std::fs::read_dir(&dir)
+            .map_err(|e| Error::Invalid(format!("cannot read {}: {e}", dir.display())));
+        let mut entries = match read {
+            Ok(read) => read.collect::<std::io::Result<Vec<_>>>()?,
+            Err(e) if rel.is_empty() => return Err(e),
+            Err(e) => {
+                report.failed.push((rel, e));
+                continue;
+            }
+        };
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let path = entry.path();
+            let Some(name) = entry.file_name().to_str().map(to_nfc) else {
+                report.failed.push((
+                    path.display().to_string(),
+                    Error::Invalid(format!("{}: the name is not UTF-8", path.display())),
+                ));
+                continue;
+            };
+            let child = join_remote(&rel, &name);
+            let kind = entry.file_type()?;
+            if kind.is_symlink() || !(kind.is_dir() || kind.is_file()) {
+                let what = if kind.is_symlink() {
+                    "a symbolic link, not followed"
+                } else {
+                    "not a regular file"
+                };
+                let why = format!("{}: {what}; skipped", path.display());
+                progress.notice(&why);
+                report.skipped.push(why);
+                continue;
+            }
+            if let Err(e) = check_file_name(&name) {
+                report.failed.push((path.display().to_string(), e));
+                continue;
+            }
+            if kind.is_dir() {
+                dirs.push(child.clone());
+                queue.push_back((path, child));
+            } else {
+                let size = entry.metadata()?.len();
+                files.push((path, child, size));
+            }
+        }
+    }
+    Ok((dirs, files))
 }
 
 /// The end-to-end check of an upload: the server stored what was sent.

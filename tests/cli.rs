@@ -171,7 +171,7 @@ async fn failures_exit_non_zero_with_one_clear_line() {
     assert!(err.contains("does-not-exist.txt"), "{err}");
     write_file(env.work.path(), "ok.txt", b"x");
     let err = env.fails(&["put", "ok.txt", "../escape"]).await;
-    assert!(err.contains("bad file name"), "{err}");
+    assert!(err.contains("bad path"), "{err}");
 
     let mut cmd = env.cmd(&["ls"]);
     cmd.env("NETDISK_SERVER", "127.0.0.1:1");
@@ -184,7 +184,8 @@ async fn failures_exit_non_zero_with_one_clear_line() {
 async fn help_on_every_command() {
     let env = Env::new().await;
     for command in [
-        "serve", "register", "login", "logout", "ls", "put", "get", "mput", "mget", "shell",
+        "serve", "register", "login", "logout", "ls", "put", "get", "mput", "mget", "mkdir",
+        "rmdir", "rm", "mv", "passwd", "whoami", "usage", "versions", "restore", "shell",
     ] {
         let out = env.ok(&[command, "--help"]).await;
         assert!(out.contains("Usage:"), "{command}: {out}");
@@ -361,4 +362,307 @@ async fn on_a_terminal_get_asks_resume_or_start_over() {
     );
     assert!(shown.contains("EXIT=0"), "{shown}");
     assert!(std::fs::read(env.path("junk.bin")).unwrap() == data);
+}
+
+/// Register and log in `user` (password "pw") through the binary.
+async fn logged_in(env: &Env, user: &str) {
+    for command in ["register", "login"] {
+        let out = env.with_password("pw", &[command, user]).await;
+        assert!(out.status.success(), "{command}: {}", stderr(&out));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn folder_commands_from_the_command_line() {
+    let env = Env::new().await;
+    logged_in(&env, "fay").await;
+    write_file(env.work.path(), "a.txt", b"alpha");
+    write_file(env.work.path(), "big.bin", &random_bytes(3_000_000, 4));
+
+    env.ok(&["mkdir", "docs"]).await;
+    let err = env.fails(&["mkdir", "docs"]).await;
+    assert!(err.contains("exists"), "{err}");
+    env.ok(&["mkdir", "-p", "docs/2024/q1"]).await;
+    env.ok(&["put", "a.txt", "docs/"]).await; // into the folder
+    env.ok(&["put", "big.bin", "docs/2024"]).await; // an existing folder: inside it
+    env.ok(&["put", "a.txt", "docs/renamed.txt"]).await;
+
+    let listing = env.ok(&["ls", "docs"]).await;
+    assert!(listing.contains("2024/"), "{listing}");
+    assert!(listing.contains("a.txt") && listing.contains("renamed.txt"));
+    let json: serde_json::Value =
+        serde_json::from_str(&env.ok(&["ls", "--json", "docs"]).await).unwrap();
+    assert_eq!(json[0]["name"], "2024");
+    assert_eq!(json[0]["type"], "dir");
+    assert_eq!(json[1]["type"], "file");
+    let human = env.ok(&["ls", "-h", "docs/2024"]).await;
+    assert!(human.contains("MiB"), "{human}");
+    assert!(human.contains("q1/"), "{human}");
+    let by_size = env.ok(&["ls", "--sort", "size", "docs/2024"]).await;
+    assert!(by_size.find("big.bin") < by_size.find("q1/"), "{by_size}");
+    let reversed = env.ok(&["ls", "--sort", "name", "-r", "docs"]).await;
+    assert!(
+        reversed.find("renamed.txt") < reversed.find("a.txt"),
+        "{reversed}"
+    );
+
+    std::fs::remove_file(env.path("big.bin")).unwrap();
+    env.ok(&["get", "docs/2024/big.bin"]).await; // saved as big.bin here
+    let err = env.fails(&["get", "docs/2024/big.bin"]).await;
+    assert!(err.contains("--resume"), "{err}");
+    env.ok(&["get", "docs/renamed.txt"]).await;
+    assert_eq!(std::fs::read(env.path("renamed.txt")).unwrap(), b"alpha");
+
+    env.ok(&["mv", "docs/renamed.txt", "docs/2024/q1"]).await; // into a folder
+    env.ok(&["mv", "docs/a.txt", "moved.txt"]).await;
+    let err = env
+        .fails(&["mv", "moved.txt", "docs/2024/q1/renamed.txt"])
+        .await;
+    assert!(err.contains("exists"), "{err}");
+    env.ok(&["mv", "-f", "moved.txt", "docs/2024/q1/renamed.txt"])
+        .await;
+
+    let err = env.fails(&["rmdir", "docs/2024/q1"]).await;
+    assert!(err.contains("empty"), "{err}");
+    let err = env.fails(&["rmdir", "docs/2024/big.bin"]).await;
+    assert!(err.contains("not a folder"), "{err}");
+    let err = env.fails(&["rm", "docs/2024"]).await;
+    assert!(err.contains("rm -r"), "{err}");
+    env.ok(&["rm", "docs/2024/q1/renamed.txt"]).await;
+    env.ok(&["rmdir", "docs/2024/q1"]).await;
+    env.ok(&["rm", "-r", "docs"]).await;
+    let json: serde_json::Value = serde_json::from_str(&env.ok(&["ls", "--json"]).await).unwrap();
+    assert_eq!(json, serde_json::json!([]));
+
+    assert_eq!(env.ok(&["whoami"]).await.trim(), "fay");
+    let usage = env.ok(&["usage"]).await;
+    assert!(
+        usage.contains("versions") && usage.contains("used"),
+        "{usage}"
+    );
+    let usage: serde_json::Value =
+        serde_json::from_str(&env.ok(&["usage", "--json"]).await).unwrap();
+    assert_eq!(usage["files"], 0);
+    assert!(usage["versions"].as_u64().unwrap() >= 3, "{usage}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_and_restore_from_the_command_line() {
+    let env = Env::new().await;
+    logged_in(&env, "vic").await;
+    write_file(env.work.path(), "v.txt", b"first");
+    env.ok(&["put", "v.txt", "notes/v.txt"]).await;
+    write_file(env.work.path(), "v.txt", b"second");
+    env.ok(&["put", "v.txt", "notes/v.txt"]).await;
+    env.ok(&["rm", "notes/v.txt"]).await;
+    let json: serde_json::Value =
+        serde_json::from_str(&env.ok(&["versions", "--json", "notes/v.txt"]).await).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 2, "{json}");
+    let oldest = json[1]["id"].as_str().unwrap().to_string();
+    assert!(env.ok(&["versions", "notes/v.txt"]).await.contains(&oldest));
+    env.ok(&["restore", "notes/v.txt"]).await;
+    env.ok(&["get", "notes/v.txt", "back.txt"]).await;
+    assert_eq!(std::fs::read(env.path("back.txt")).unwrap(), b"second");
+    env.ok(&["restore", "notes/v.txt", "--version", &oldest])
+        .await;
+    env.ok(&["get", "notes/v.txt", "back.txt", "--restart"])
+        .await;
+    assert_eq!(std::fs::read(env.path("back.txt")).unwrap(), b"first");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn awkward_names_and_escapes_from_the_command_line() {
+    let env = Env::new().await;
+    logged_in(&env, "ned").await;
+    let long = "y".repeat(255);
+    for (i, name) in ["two words.txt", "🎉 party.txt", long.as_str()]
+        .iter()
+        .enumerate()
+    {
+        let data = random_bytes(100 + i, i as u64);
+        write_file(env.work.path(), name, &data);
+        env.ok(&["put", name, &format!("odd dir/{name}")]).await;
+        std::fs::remove_file(env.path(name)).unwrap();
+        env.ok(&["get", &format!("odd dir/{name}")]).await;
+        assert!(std::fs::read(env.path(name)).unwrap() == data, "{name}");
+    }
+    let listing = env.ok(&["ls", "odd dir"]).await;
+    assert!(
+        listing.contains("🎉 party.txt") && listing.contains(&long),
+        "{listing}"
+    );
+
+    write_file(env.work.path(), "ok.txt", b"ok");
+    let err = env.fails(&["put", "ok.txt", "a\nb"]).await;
+    assert!(err.contains("control character"), "{err}");
+    let err = env.fails(&["put", "ok.txt", &"z".repeat(256)]).await;
+    assert!(err.contains("255 bytes"), "{err}");
+    for args in [
+        &["mv", "odd dir", "../../x"][..],
+        &["mkdir", "../x"],
+        &["rm", "-r", ".."],
+        &["get", "../x"],
+        &["ls", "a/../.."],
+        &["put", "ok.txt", "../ok.txt"],
+    ] {
+        let err = env.fails(args).await;
+        assert!(
+            err.contains("bad path") || err.contains("bad file name"),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(!env.server.root.join("files/x").exists());
+    assert!(!env.server.root.join("files/ok.txt").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_r_and_get_r_round_trip_skip_symlinks_and_resume() {
+    let env = Env::new().await;
+    logged_in(&env, "rita").await;
+    let tree = env.path("photos");
+    for (name, data) in [
+        ("a.jpg", random_bytes(5000, 1)),
+        ("2024/b.jpg", random_bytes(6000, 2)),
+        ("2024/summer/c d.jpg", random_bytes(7000, 3)),
+        ("2024/summer/large.raw", random_bytes(6_000_000, 4)),
+    ] {
+        let path = tree.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, data).unwrap();
+    }
+    std::os::unix::fs::symlink("/etc", tree.join("2024/etc-link")).unwrap();
+
+    let out = run(env.cmd(&["put", "-r", "photos"])).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("etc-link") && err.contains("symbolic link"),
+        "{err}"
+    );
+    assert!(err.contains("uploaded 4 files"), "{err}");
+    assert!(env.ok(&["ls", "photos/2024"]).await.contains("summer/"));
+    assert!(!env.ok(&["ls", "photos/2024"]).await.contains("etc-link"));
+
+    // Again: nothing sent.
+    let out = run(env.cmd(&["put", "-r", "photos"])).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("uploaded 0 files"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("4 unchanged"), "{}", stderr(&out));
+
+    // Into an existing folder with a trailing '/'.
+    env.ok(&["mkdir", "backups"]).await;
+    env.ok(&["put", "-r", "photos", "backups/"]).await;
+    assert!(env.ok(&["ls", "backups"]).await.contains("photos/"));
+
+    env.ok(&["get", "-r", "photos", "restored"]).await;
+    for name in [
+        "a.jpg",
+        "2024/b.jpg",
+        "2024/summer/c d.jpg",
+        "2024/summer/large.raw",
+    ] {
+        assert!(
+            std::fs::read(env.path("restored").join(name)).unwrap()
+                == std::fs::read(tree.join(name)).unwrap(),
+            "{name}"
+        );
+    }
+    assert!(!env.path("restored/2024/etc-link").exists());
+    let out = run(env.cmd(&["get", "-r", "photos", "restored"])).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("downloaded 0 files"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("4 unchanged"), "{}", stderr(&out));
+
+    // Default local folder: the remote folder's name.
+    std::fs::remove_dir_all(&tree).unwrap();
+    env.ok(&["get", "-r", "photos"]).await;
+    assert_eq!(
+        std::fs::read(tree.join("a.jpg")).unwrap(),
+        random_bytes(5000, 1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwd_from_the_command_line() {
+    let env = Env::new().await;
+    logged_in(&env, "paul").await;
+    // Another machine's saved login (its own config folder).
+    let elsewhere = tempfile::tempdir().unwrap();
+    let mut cmd = netdisk(&env.server.addr_string(), elsewhere.path());
+    cmd.args(["login", "paul"]).env("NETDISK_PASSWORD", "pw");
+    assert!(run(cmd).await.status.success());
+
+    let mut cmd = env.cmd(&["passwd"]);
+    cmd.env("NETDISK_PASSWORD", "wrong")
+        .env("NETDISK_NEW_PASSWORD", "pw-2");
+    let out = run(cmd).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("wrong user name or password"),
+        "{}",
+        stderr(&out)
+    );
+
+    let mut cmd = env.cmd(&["passwd"]);
+    cmd.env("NETDISK_PASSWORD", "pw")
+        .env("NETDISK_NEW_PASSWORD", "pw-2");
+    let out = run(cmd).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    // This machine's saved login was updated and still works.
+    assert_eq!(env.ok(&["whoami"]).await.trim(), "paul");
+    // The other one was revoked.
+    let mut cmd = netdisk(&env.server.addr_string(), elsewhere.path());
+    cmd.arg("ls");
+    let out = run(cmd).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no longer works"), "{}", stderr(&out));
+    // Old password fails, new works.
+    let out = env.with_password("pw", &["--user", "paul", "whoami"]).await;
+    assert!(!out.status.success());
+    let out = env
+        .with_password("pw-2", &["--user", "paul", "whoami"])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shell_has_the_folder_commands_and_quoting() {
+    let env = Env::new().await;
+    write_file(env.work.path(), "my file.txt", b"quoted");
+    let mut cmd = env.cmd(&["shell"]);
+    cmd.env("NETDISK_PASSWORD", "pw-s")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = cmd.spawn().unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(
+                b"register sid\nlogin sid\nmkdir -p 'a b/c'\nput \"my file.txt\" 'a b/c/'\nls 'a b/c'\nwhoami\nmv 'a b/c/my file.txt' top.txt\nls\nrm --help\nquit\n",
+            )
+            .unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let text = format!("{stdout}{}", stderr(&out));
+    assert!(stdout.contains("my file.txt"), "{text}");
+    assert!(stdout.contains("sid"), "{text}");
+    assert!(stdout.contains("top.txt"), "{text}");
+    assert!(text.contains("Usage:"), "{text}");
+    assert!(!text.contains("error:"), "{text}");
 }
