@@ -648,6 +648,10 @@ impl ServerProc {
             .arg("--root")
             .arg(&root)
             .args(["--max-connections", &max_connections.to_string()])
+            .args([
+                "--max-connections-per-address",
+                &max_connections.to_string(),
+            ])
             .args(variant.flags())
             .env_remove("RUST_LOG")
             .env_remove("NETDISK_LISTEN")

@@ -253,9 +253,21 @@ struct ServeArgs {
     /// Data folder: users.xlsx, files/USER/, staged uploads
     #[arg(long, env = "NETDISK_ROOT", default_value = "./netdisk-data")]
     root: PathBuf,
-    /// Most connections served at once
+    /// Most connections served at once (lowered to fit the open-file limit, ulimit -n)
     #[arg(long, default_value_t = 1024)]
     max_connections: usize,
+    /// Most connections from one IP address at once (handshaking or served)
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    max_connections_per_address: usize,
+    /// Registrations one IP address may make in a burst; then one per 6 seconds
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    registration_burst: u32,
+    /// Earlier versions kept per file (overwritten or removed), for `netdisk restore`
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    keep_versions: usize,
+    /// Days versions and removed files are kept before they are deleted for good
+    #[arg(long, default_value_t = 30.0, value_name = "DAYS")]
+    trash_days: f64,
     /// Delete unfinished uploads idle for this many hours
     #[arg(long, default_value_t = 24.0)]
     partial_expiry_hours: f64,
@@ -758,11 +770,18 @@ async fn serve(args: ServeArgs, no_tls: bool, secret: Option<Vec<u8>>) -> anyhow
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
+        // A log that cannot be written (full disk) drops lines, never breaks a connection.
+        .with_writer(|| LossyStderr)
+        .log_internal_errors(false)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let mut config = ServerConfig::new(args.listen, args.root);
     config.max_connections = args.max_connections.max(1);
+    config.max_connections_per_address = args.max_connections_per_address.max(1);
+    config.registration_burst = args.registration_burst.max(1);
+    config.storage.keep_versions = args.keep_versions;
+    config.storage.version_max_age =
+        std::time::Duration::from_secs_f64(args.trash_days.max(0.0) * 86400.0);
     config.partial_max_idle =
         std::time::Duration::from_secs_f64(args.partial_expiry_hours.max(0.0) * 3600.0);
     config.secret = secret;
@@ -779,6 +798,22 @@ async fn serve(args: ServeArgs, no_tls: bool, secret: Option<Vec<u8>>) -> anyhow
         })
         .await?;
     Ok(())
+}
+
+/// stderr for the server's log, ignoring write errors: tracing's own error path would
+/// otherwise print to (the same failing) stderr and panic the task that logged.
+struct LossyStderr;
+
+impl Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
 }
 
 /// The server this command talks to, and how.

@@ -468,13 +468,16 @@ fn refill(since: Instant, now: Instant) -> f64 {
 /// that user's lock.
 #[derive(Default)]
 struct QuotaLedger {
-    users: Mutex<HashMap<String, Arc<tokio::sync::Mutex<HashMap<u64, (String, u64)>>>>>,
+    users: Mutex<HashMap<String, Arc<ReservationBook>>>,
     next_id: std::sync::atomic::AtomicU64,
 }
 
+/// One user's reservations: id -> (path, bytes).
+type ReservationBook = tokio::sync::Mutex<HashMap<u64, (String, u64)>>;
+
 /// An upload's reserved bytes; released on drop (commit or abandon).
 struct Reservation {
-    book: Arc<tokio::sync::Mutex<HashMap<u64, (String, u64)>>>,
+    book: Arc<ReservationBook>,
     id: u64,
 }
 
@@ -494,7 +497,7 @@ impl Drop for Reservation {
 }
 
 impl QuotaLedger {
-    fn book(&self, user: &str) -> Arc<tokio::sync::Mutex<HashMap<u64, (String, u64)>>> {
+    fn book(&self, user: &str) -> Arc<ReservationBook> {
         let mut users = self.users.lock().unwrap();
         users.entry(user.to_string()).or_default().clone()
     }

@@ -188,7 +188,9 @@ async fn random_garbage_then_a_good_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_clients_at_once() {
-    let server = TestServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let server = TestServer::start_with(dir, root, |c| c.registration_burst = 50).await;
     let addr = server.addr_string();
     let mut tasks = Vec::new();
     for i in 0..50 {

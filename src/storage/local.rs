@@ -303,8 +303,8 @@ impl Inner {
     /// `ROOT/AREA/USER` as an open folder, made (0700) if missing.
     fn user_dir(&self, area: &str, user: &str) -> Result<OwnedFd> {
         check_user_name(user)?;
-        let area_dir = fsat::open_dir(rustix::fs::CWD, &self.root.join(area))
-            .map_err(|e| internal(area, e))?;
+        let area_dir =
+            fsat::open_dir(rustix::fs::CWD, self.root.join(area)).map_err(|e| internal(area, e))?;
         match fsat::walk(&area_dir, &[user], true) {
             Ok(dir) => Ok(dir),
             Err(e) => Err(internal(area, e)),
@@ -847,7 +847,7 @@ impl Inner {
                 ),
             )
         };
-        let vdir = fsat::open_dir(&versions, &name_key(&canonical)).map_err(|_| no_version())?;
+        let vdir = fsat::open_dir(&versions, name_key(&canonical)).map_err(|_| no_version())?;
         let ids = Self::version_ids(&vdir)?;
         let (id, kind) = match version {
             None => ids.first(),

@@ -238,6 +238,14 @@ pub trait Upload: Send {
     ) -> Result<Committed>;
 }
 
+/// A time as ISO 8601 UTC with second precision, e.g. `2026-11-23T17:05:49Z`.
+pub fn iso8601(time: SystemTime) -> String {
+    let time = time::OffsetDateTime::from(time);
+    let format =
+        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
+    time.format(&format).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,12 +274,4 @@ mod tests {
             assert_eq!(err.code(), Some(ErrorCode::BadName), "{bad:?}");
         }
     }
-}
-
-/// A time as ISO 8601 UTC with second precision, e.g. `2026-11-23T17:05:49Z`.
-pub fn iso8601(time: SystemTime) -> String {
-    let time = time::OffsetDateTime::from(time);
-    let format =
-        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
-    time.format(&format).unwrap_or_default()
 }
