@@ -147,7 +147,11 @@ impl Client {
     pub async fn register(&mut self, user: &str, password: &str, iterations: u32) -> Result<()> {
         check_user_name(user)?;
         let password = password.to_string();
-        let verifier = blocking(move || Ok(Verifier::new(&password, iterations))).await?;
+        // A password SASLprep refuses is refused here, not discovered at the first login.
+        let verifier = blocking(move || {
+            Verifier::try_new(&password, iterations).map_err(|e| Error::Invalid(e.to_string()))
+        })
+        .await?;
         let b64 = base64::engine::general_purpose::STANDARD;
         let _: Done = self
             .conn
@@ -369,7 +373,9 @@ impl Client {
             let last = first
                 .handle_server_first(&reply.message, &current)
                 .map_err(|e| Error::Protocol(format!("passwd: {e}")))?;
-            Ok((last, Verifier::new(&new, iterations)))
+            let verifier =
+                Verifier::try_new(&new, iterations).map_err(|e| Error::Invalid(e.to_string()))?;
+            Ok((last, verifier))
         })
         .await?;
         let b64 = base64::engine::general_purpose::STANDARD;

@@ -81,7 +81,10 @@ fn ensure_self_signed(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     if cert_path.exists() && key_path.exists() {
         return Ok((cert_path, key_path));
     }
-    fs::create_dir_all(dir)?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    }
     let names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
     let made = rcgen::generate_simple_self_signed(names)
         .map_err(|e| tls_error("cannot make a certificate", e))?;
@@ -269,7 +272,9 @@ fn known_fingerprint(path: &Path, addr: &str) -> Result<Option<String>> {
 
 fn record_fingerprint(path: &Path, addr: &str, fingerprint: &str) -> Result<()> {
     if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir)?;
+        // The client's config folder: owner only, whichever file creates it first.
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     }
     let mut file = fs::OpenOptions::new()
         .append(true)
