@@ -83,7 +83,10 @@ fn ensure_self_signed(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     }
     {
         use std::os::unix::fs::DirBuilderExt;
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
     }
     let names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
     let made = rcgen::generate_simple_self_signed(names)
@@ -274,7 +277,10 @@ fn record_fingerprint(path: &Path, addr: &str, fingerprint: &str) -> Result<()> 
     if let Some(dir) = path.parent() {
         // The client's config folder: owner only, whichever file creates it first.
         use std::os::unix::fs::DirBuilderExt;
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
     }
     let mut file = fs::OpenOptions::new()
         .append(true)
