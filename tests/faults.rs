@@ -302,3 +302,48 @@ async fn kill_9_during_many_uploads_keeps_every_acknowledged_file() {
     let mut client = Client::connect(&restarted.addr).await.unwrap();
     client.login("up0", PASSWORD).await.unwrap();
 }
+
+/// A log that cannot be written (its disk is full, its pipe is gone) drops lines; it never
+/// breaks a connection. Here the server's stderr is a pipe whose reader has gone away, so
+/// every log write fails (EPIPE).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_cannot_be_written_breaks_nothing() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_netdisk"))
+        .args(["serve", "--no-tls", "--listen", "127.0.0.1:0", "--root"])
+        .arg(dir.path().join("root"))
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut addr = None;
+    let mut line = String::new();
+    while addr.is_none() && log.read_line(&mut line).unwrap() > 0 {
+        addr = line
+            .split("addr=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_string);
+        line.clear();
+    }
+    let addr = addr.expect("the server logs its address");
+    drop(log); // from now on every log line the server writes fails
+
+    for round in 0..3 {
+        let mut client = Client::connect(&addr).await.unwrap();
+        let user = format!("logless{round}");
+        client
+            .register(&user, PASSWORD, MIN_ITERATIONS)
+            .await
+            .unwrap();
+        client.login(&user, PASSWORD).await.unwrap();
+        assert!(client.list().await.unwrap().is_empty());
+    }
+    assert!(child.try_wait().unwrap().is_none(), "the server still runs");
+    let _ = child.kill();
+    let _ = child.wait();
+}
