@@ -210,6 +210,11 @@ impl ServerProcess {
         ServerProcess { child, addr, log }
     }
 
+    /// The server's process id (for /proc/PID/status).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: no chance to clean up, as in a crash.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
