@@ -417,6 +417,11 @@ async fn unread_pipelined_listings_keep_memory_bounded() {
         rss_settled / 1024
     );
     assert!(fds_settled >= 100, "the 100 connections were held open");
+    // One user's huge folder never makes another user wait for its scans.
+    assert!(
+        alice_ls < Duration::from_secs(1),
+        "alice's ls took {alice_ls:?} behind mallory's listings"
+    );
     drop(attackers);
 }
 

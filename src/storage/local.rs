@@ -52,7 +52,9 @@ const GROUP_COMMIT_FILE_MAX: u64 = 1024 * 1024;
 
 /// Folder scans (listings, usage) running at once: a huge folder costs memory while it
 /// is scanned, so many clients listing at once wait their turn instead of adding up.
-const CONCURRENT_SCANS: usize = 4;
+const CONCURRENT_SCANS: usize = 16;
+/// Scans of one user at once: one user's huge folder never makes the others wait.
+const CONCURRENT_SCANS_PER_USER: usize = 2;
 
 /// The `.hashes` entry of a chunk that must be sent again.
 const MISSING_CHUNK: ChunkHash = [0; 32];
@@ -79,6 +81,7 @@ impl Default for StorageOptions {
 pub struct LocalStorage {
     inner: Arc<Inner>,
     scans: tokio::sync::Semaphore,
+    user_scans: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
 }
 
 struct Inner {
@@ -120,6 +123,7 @@ impl LocalStorage {
                 usage: Mutex::default(),
             }),
             scans: tokio::sync::Semaphore::new(CONCURRENT_SCANS),
+            user_scans: Mutex::default(),
         })
     }
 
@@ -132,17 +136,33 @@ impl LocalStorage {
         blocking(move || work(&inner)).await
     }
 
-    /// Like [`LocalStorage::run`], for work that scans whole folders.
+    /// Like [`LocalStorage::run`], for work that scans whole folders of `user`: a few per
+    /// user, a few more in all.
     async fn scan<T: Send + 'static>(
         &self,
+        user: &str,
         work: impl FnOnce(&Inner) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let _permit = self
-            .scans
-            .acquire()
-            .await
-            .map_err(|_| Error::Invalid("storage closed".into()))?;
-        self.run(work).await
+        let closed = |_| Error::Invalid("storage closed".into());
+        let mine = self
+            .user_scans
+            .lock()
+            .unwrap()
+            .entry(user.to_string())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(CONCURRENT_SCANS_PER_USER)))
+            .clone();
+        let result = async {
+            let _mine = mine.acquire().await.map_err(closed)?;
+            let _all = self.scans.acquire().await.map_err(closed)?;
+            self.run(work).await
+        }
+        .await;
+        // Forget the user's semaphore when no one else holds it (the map stays small).
+        let mut user_scans = self.user_scans.lock().unwrap();
+        if Arc::strong_count(&mine) == 2 {
+            user_scans.remove(user);
+        }
+        result
     }
 }
 
@@ -170,8 +190,10 @@ impl Storage for LocalStorage {
 
     async fn list(&self, user: &str, dir: &str, after: Option<&str>, limit: usize) -> Result<Page> {
         let (user, dir, after) = (user.to_string(), dir.to_string(), after.map(String::from));
-        self.scan(move |inner| inner.list(&user, &dir, after.as_deref(), limit.max(1)))
-            .await
+        self.scan(&user.clone(), move |inner| {
+            inner.list(&user, &dir, after.as_deref(), limit.max(1))
+        })
+        .await
     }
 
     async fn stat(&self, user: &str, path: &str) -> Result<Entry> {
@@ -237,7 +259,8 @@ impl Storage for LocalStorage {
             return Ok(usage.clone());
         }
         let user = user.to_string();
-        self.scan(move |inner| inner.usage(&user)).await
+        self.scan(&user.clone(), move |inner| inner.usage(&user))
+            .await
     }
 
     async fn versions(&self, user: &str, path: &str) -> Result<Vec<Version>> {
