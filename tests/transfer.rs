@@ -95,10 +95,10 @@ async fn missing_file_and_bad_names_get_clear_errors() {
     let local = write_file(work.path(), "f", b"x");
     for bad in [
         "../escape",
-        "/etc/passwd",
+        "a/../../escape",
         "..",
         ".",
-        "a/b",
+        "a//b",
         "nul\0byte",
         "",
     ] {
@@ -109,6 +109,12 @@ async fn missing_file_and_bad_names_get_clear_errors() {
         assert_eq!(err.code(), Some(ErrorCode::BadName), "{bad:?}");
     }
     assert!(!server.root.join("files/escape").exists());
+    // Paths are relative to the user's folder: a leading '/' does not reach the host's.
+    client
+        .put(&local, "/etc/passwd", false, &mut NoProgress)
+        .await
+        .unwrap();
+    assert!(server.user_file("erin", "etc/passwd").is_file());
 }
 
 #[tokio::test]
