@@ -609,12 +609,11 @@ impl Handler {
                 }
             };
             // A body nobody read (a refused request's) is skipped, never parsed as frames.
-            let result = match (result, self.body_left) {
+            let result = match (result, std::mem::take(&mut self.body_left)) {
                 (result, 0) => result,
-                (Err(Error::Remote { code, message }), left) => {
-                    self.body_left = 0;
+                (result @ (Ok(_) | Err(Error::Remote { .. })), left) => {
                     match self.conn.skip_body(left).await {
-                        Ok(()) => Err(Error::Remote { code, message }),
+                        Ok(()) => result,
                         Err(e) => Err(e),
                     }
                 }
