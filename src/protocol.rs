@@ -508,6 +508,22 @@ impl Connection {
         }
     }
 
+    /// Read at least one body byte into `buf` (waiting within the stall timeout), then as
+    /// many more as have already arrived, without waiting again: full buffers for the disk
+    /// while data flows, and no buffer held while the peer is silent.
+    pub async fn read_body_available(&mut self, buf: &mut [u8]) -> Result<usize> {
+        let mut filled = self.read_body_some(buf).await?;
+        while filled < buf.len() {
+            // A zero timeout polls the read once: data already here, or stop.
+            match tokio::time::timeout(Duration::ZERO, self.stream.read(&mut buf[filled..])).await {
+                Ok(Ok(0)) | Err(_) => break,
+                Ok(Ok(n)) => filled += n,
+                Ok(Err(e)) => return Err(e.into()),
+            }
+        }
+        Ok(filled)
+    }
+
     /// Read and throw away `len` body bytes (to stay in step after refusing a body).
     pub async fn skip_body(&mut self, mut len: u64) -> Result<()> {
         let mut sink = vec![0u8; IO_BUFFER_SIZE.min(len as usize)];

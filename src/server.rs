@@ -1315,7 +1315,7 @@ impl Handler {
             self.conn.wait_readable().await?;
             let mut buf = self.shared.buffers.get();
             let want = buf.len().min(remaining as usize);
-            let n = self.conn.read_body_some(&mut buf[..want]).await?;
+            let n = self.conn.read_body_available(&mut buf[..want]).await?;
             remaining -= n as u64;
             match upload.write(buf, n).await {
                 Ok(Some(done)) => self.shared.buffers.put(done),
