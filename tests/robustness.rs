@@ -353,3 +353,29 @@ async fn thousands_of_bad_frames_leak_nothing() {
     }
     assert!(now <= baseline, "{now} open descriptors, {baseline} before");
 }
+
+/// Under `ulimit -n 256` the server does not promise 1024 connections it cannot open: it
+/// raises the soft limit to the hard one and lowers `--max-connections` to fit, saying so.
+#[tokio::test]
+async fn max_connections_fit_the_open_file_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c").arg(format!(
+        "ulimit -Sn 100; ulimit -Hn 256; exec '{}' serve --no-tls --listen 127.0.0.1:0 \
+             --max-connections 1024 --root '{}'",
+        env!("CARGO_BIN_EXE_netdisk"),
+        dir.path().join("root").display()
+    ));
+    let server = ServerProcess::spawn_command(cmd);
+    let log = server.log.lock().unwrap().clone();
+    assert!(log.contains("--max-connections lowered"), "{log}");
+    // (256 - 64 reserved) / 4 descriptors per connection: the soft limit was raised to 256.
+    assert!(log.contains("allowed=48"), "{log}");
+    let mut client = netdisk::client::Client::connect(&server.addr)
+        .await
+        .unwrap();
+    client
+        .register("fd", PASSWORD, netdisk::scram::MIN_ITERATIONS)
+        .await
+        .unwrap();
+}
