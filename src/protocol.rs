@@ -385,6 +385,11 @@ impl Connection {
         !self.stream.buffer().is_empty()
     }
 
+    /// Bytes of replies waiting in the output buffer (not yet handed to the socket).
+    pub fn pending_output(&self) -> usize {
+        self.stream.get_ref().buffer().len()
+    }
+
     /// Give up on a peer that stops sending or receiving for `timeout` in the middle of a
     /// body (a trickling or stuck client must not hold an upload or a file forever).
     pub fn set_stall_timeout(&mut self, timeout: Duration) {

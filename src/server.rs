@@ -594,6 +594,14 @@ impl Handler {
             let (cmd, result) = match announced_body(&header) {
                 Err(e) => ("?", Err(e)),
                 Ok(len) => {
+                    // Acknowledgments waiting for durability must not be pushed out by a
+                    // buffer filling up with later replies: settle them first.
+                    if !self.unsynced.is_empty() && self.conn.pending_output() > 16 * 1024 {
+                        if let Err(e) = self.settle().await {
+                            error!(peer = %self.peer, error = %e, "group commit failed; closing");
+                            break;
+                        }
+                    }
                     self.body_left = len;
                     match parse_request(header) {
                         Ok(request) if len > 0 && !request.takes_body() => (
