@@ -490,9 +490,11 @@ impl Drop for Reservation {
             return;
         }
         let book = self.book.clone();
-        tokio::spawn(async move {
-            book.lock().await.remove(&id);
-        });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                book.lock().await.remove(&id);
+            });
+        }
     }
 }
 
