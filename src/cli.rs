@@ -9,7 +9,7 @@ use bytesize::ByteSize;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use netdisk::client::{join_remote, Client, ConnectOptions, Progress, TreeReport};
+use netdisk::client::{join_remote, partial_path, Client, ConnectOptions, Progress, TreeReport};
 use netdisk::config::{self, SavedLogin};
 use netdisk::conncheck;
 use netdisk::protocol::{EntryType, FileEntry};
@@ -508,7 +508,27 @@ async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> anyhow::Resul
                 return report_tree("downloaded", &local.display().to_string(), &report, ui);
             }
             let local = local_target(&remote_name, local_path);
-            let resume = decide_resume(&local, resume, restart)?;
+            let part = partial_path(&local);
+            let has_part = std::fs::symlink_metadata(&part).is_ok_and(|m| m.is_file());
+            let resume = if has_part && !restart {
+                // An interrupted download of it: continue that (the real name is untouched).
+                true
+            } else {
+                if !restart && already_complete(client, &remote_name, &local).await? {
+                    ui.say(&format!(
+                        "{} is already complete (same size and checksum as {remote_name} on the server); nothing to do",
+                        local.display()
+                    ));
+                    return Ok(());
+                }
+                match decide_resume(&local, resume, restart)? {
+                    Some(resume) => resume,
+                    None => {
+                        ui.say(&format!("cancelled; {} is unchanged", local.display()));
+                        return Ok(());
+                    }
+                }
+            };
             let mut bar = ui.progress();
             let outcome = client.get(&remote_name, &local, resume, &mut bar).await?;
             ui.say(&format!(
@@ -547,10 +567,16 @@ async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> anyhow::Resul
             overwrite,
         } => {
             let mut wanted = Vec::new();
+            let mut partial = Vec::new();
             let mut skipped = 0;
             for name in &names {
                 let local = dir.join(remote_base_name(name));
-                if local.exists() && !overwrite {
+                let has_part =
+                    std::fs::symlink_metadata(partial_path(&local)).is_ok_and(|m| m.is_file());
+                if has_part && (overwrite || !local.exists()) {
+                    // An interrupted download: continue its partial file.
+                    partial.push((name.clone(), local));
+                } else if local.exists() && !overwrite {
                     eprintln!(
                         "netdisk: {name}: {} exists (use --overwrite)",
                         local.display()
@@ -563,9 +589,19 @@ async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> anyhow::Resul
             let mut bar = ui.progress();
             bar.files_total(wanted.len() as u64);
             bar.start(0, 0);
-            let results = client.get_many(&wanted, &mut bar).await?;
+            let mut results = client.get_many(&wanted, &mut bar).await?;
             bar.finish();
-            let fetched = wanted.iter().map(|(name, _)| name.as_str());
+            for (name, local) in &partial {
+                let mut bar = ui.progress();
+                let result = client.get(name, local, true, &mut bar).await;
+                bar.finish();
+                if let Err(e @ (netdisk::Error::Io(_) | netdisk::Error::ConnectionClosed)) = result
+                {
+                    return Err(e.into());
+                }
+                results.push(result);
+            }
+            let fetched = wanted.iter().chain(&partial).map(|(name, _)| name.as_str());
             report_many("downloaded", fetched, &results, ui)?;
             if skipped > 0 {
                 bail!("{skipped} of {} files skipped", names.len());
@@ -933,10 +969,11 @@ fn report_tree(verb: &str, target: &str, report: &TreeReport, ui: Ui) -> anyhow:
     Ok(())
 }
 
-/// Whether to continue an existing local file: the flag, else ask on a terminal.
-fn decide_resume(local: &Path, resume: bool, restart: bool) -> anyhow::Result<bool> {
+/// Whether to continue an existing local file (`Some(true)`), download it again and
+/// replace it (`Some(false)`), or leave it alone (`None`): the flag, else ask on a terminal.
+fn decide_resume(local: &Path, resume: bool, restart: bool) -> anyhow::Result<Option<bool>> {
     if resume || restart || !local.exists() {
-        return Ok(resume);
+        return Ok(Some(resume));
     }
     if !std::io::stdin().is_terminal() || !std::io::stderr().is_terminal() {
         bail!(
@@ -944,11 +981,51 @@ fn decide_resume(local: &Path, resume: bool, restart: bool) -> anyhow::Result<bo
             local.display()
         );
     }
-    let answer = ask(&format!(
-        "{} already exists. Resume the download? [Y/n] ",
-        local.display()
-    ))?;
-    Ok(!matches!(answer.trim().to_lowercase().as_str(), "n" | "no"))
+    loop {
+        let answer = ask(&format!(
+            "{} already exists. Resume the download? (y: resume it, n: download it again and replace it, c: cancel) [Y/n/c] ",
+            local.display()
+        ))?;
+        let Some(answer) = answer else {
+            return Ok(None); // end of input
+        };
+        match answer.trim().to_lowercase().as_str() {
+            "" | "y" | "yes" => return Ok(Some(true)),
+            "n" | "no" => return Ok(Some(false)),
+            "c" | "cancel" => return Ok(None),
+            _ => eprintln!("please answer y, n or c"),
+        }
+    }
+}
+
+/// Whether `local` is a file of the same size and checksum as `remote` on the server.
+async fn already_complete(client: &mut Client, remote: &str, local: &Path) -> anyhow::Result<bool> {
+    let Ok(meta) = std::fs::symlink_metadata(local) else {
+        return Ok(false);
+    };
+    if !meta.is_file() {
+        return Ok(false);
+    }
+    let entry = match client.stat(remote, true).await {
+        Ok(entry) => entry,
+        // The get itself reports what is wrong (not found, a folder, ...).
+        Err(e) if e.code().is_some() => return Ok(false),
+        Err(e) => return Err(e.into()),
+    };
+    if entry.kind != EntryType::File || entry.size != meta.len() {
+        return Ok(false);
+    }
+    let Some(remote_digest) = entry.digest else {
+        return Ok(false);
+    };
+    let path = local.to_path_buf();
+    let local_digest = tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(path)?;
+        let chunks = netdisk::digest::hash_reader(file)?;
+        std::io::Result::Ok(netdisk::digest::file_digest(&chunks).to_hex().to_string())
+    })
+    .await??;
+    Ok(local_digest == remote_digest)
 }
 
 /// `10GiB`, `500MB`, `4096`: binary (KiB, MiB, GiB, TiB, or K, M, G, T) and decimal
@@ -1058,12 +1135,16 @@ fn new_password(user: &str) -> anyhow::Result<String> {
     Ok(password)
 }
 
-fn ask(question: &str) -> anyhow::Result<String> {
+/// Ask on the terminal; `None` at the end of input.
+fn ask(question: &str) -> anyhow::Result<Option<String>> {
     eprint!("{question}");
     std::io::stderr().flush()?;
     let mut line = String::new();
-    std::io::stdin().lock().read_line(&mut line)?;
-    Ok(line)
+    if std::io::stdin().lock().read_line(&mut line)? == 0 {
+        eprintln!();
+        return Ok(None);
+    }
+    Ok(Some(line))
 }
 
 /// Where messages and progress go: stderr, and nothing but errors with --quiet.

@@ -95,11 +95,22 @@ async fn register_login_put_ls_get_resume_restart_logout() {
     env.ok(&["get", "a.bin", "b.bin"]).await;
     assert!(std::fs::read(env.path("b.bin")).unwrap() == data);
 
-    let err = env.fails(&["get", "a.bin", "b.bin"]).await;
+    // The same file again: nothing to do.
+    let out = run(env.cmd(&["get", "a.bin", "b.bin"])).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("already complete"),
+        "{}",
+        stderr(&out)
+    );
+    // A different local file: asks for a flag off a terminal.
+    write_file(env.work.path(), "other.bin", b"other");
+    let err = env.fails(&["get", "a.bin", "other.bin"]).await;
     assert!(
         err.contains("--resume") && err.contains("--restart"),
         "{err}"
     );
+    assert_eq!(std::fs::read(env.path("other.bin")).unwrap(), b"other");
 
     write_file(env.work.path(), "c.bin", &data[..4_500_000]);
     let out = run(env.cmd(&["get", "a.bin", "c.bin", "--resume"])).await;
@@ -290,17 +301,17 @@ async fn mput_and_mget_move_many_files_over_one_connection() {
         .await;
 }
 
-/// Runs the binary on a pseudo-terminal (Python's pty module), answers its first
-/// question with `answer`, and returns everything it printed.
-async fn on_terminal(env: &Env, args: &[&str], answer: &str) -> String {
+/// Runs the binary on a pseudo-terminal (Python's pty module), answers its questions
+/// (`[Y/n/c]` prompts) with `answers` in turn, and returns everything it printed.
+async fn on_terminal(env: &Env, args: &[&str], answers: &[&str]) -> String {
     let script = r#"
 import os, pty, sys, time
-answer = sys.argv[1].encode()
+answers = [a.encode() for a in sys.argv[1].split(",")] if sys.argv[1] != "-" else [b""]
 pid, fd = pty.fork()
 if pid == 0:
     os.execv(sys.argv[2], sys.argv[2:])
 out = b""
-answered = False
+answered = 0
 deadline = time.time() + 60
 while time.time() < deadline:
     try:
@@ -310,15 +321,20 @@ while time.time() < deadline:
     if not chunk:
         break
     out += chunk
-    if not answered and b"[Y/n]" in out:
-        os.write(fd, answer + b"\r")
-        answered = True
+    while answered < len(answers) and out.count(b"[Y/n/c]") > answered:
+        os.write(fd, answers[answered] + b"\r")
+        answered += 1
 _, status = os.waitpid(pid, 0)
 sys.stdout.write(out.decode("utf-8", "replace"))
 sys.stdout.write("\nEXIT=%d\n" % os.waitstatus_to_exitcode(status))
 "#;
+    let answers = if answers == [""] {
+        "-".to_string()
+    } else {
+        answers.join(",")
+    };
     let mut cmd = std::process::Command::new("python3");
-    cmd.args(["-c", script, answer, env!("CARGO_BIN_EXE_netdisk")])
+    cmd.args(["-c", script, &answers, env!("CARGO_BIN_EXE_netdisk")])
         .args(args)
         .current_dir(env.work.path())
         .env("NETDISK_SERVER", env.server.addr_string())
@@ -347,21 +363,36 @@ async fn on_a_terminal_get_asks_resume_or_start_over() {
 
     // Enter resumes: only the rest is fetched.
     write_file(env.work.path(), "part.bin", &data[..5_000_000]);
-    let shown = on_terminal(&env, &["get", "t.bin", "part.bin"], "").await;
-    assert!(shown.contains("Resume the download? [Y/n]"), "{shown}");
+    let shown = on_terminal(&env, &["get", "t.bin", "part.bin"], &[""]).await;
+    assert!(shown.contains("Resume the download?"), "{shown}");
+    assert!(shown.contains("[Y/n/c]"), "{shown}");
     assert!(shown.contains("resuming the download"), "{shown}");
     assert!(shown.contains("EXIT=0"), "{shown}");
     assert!(std::fs::read(env.path("part.bin")).unwrap() == data);
+    assert!(!env.path("part.bin.part").exists());
 
-    // "n" starts over.
+    // Anything else asks again; "n" then starts over (and says it replaces the file).
     write_file(env.work.path(), "junk.bin", b"not a prefix at all");
-    let shown = on_terminal(&env, &["get", "t.bin", "junk.bin"], "n").await;
-    assert!(
-        shown.contains("[Y/n]") && !shown.contains("resuming"),
-        "{shown}"
-    );
+    let shown = on_terminal(&env, &["get", "t.bin", "junk.bin"], &["maybe", "n"]).await;
+    assert!(shown.contains("replace it"), "{shown}");
+    assert!(shown.contains("please answer y, n or c"), "{shown}");
+    assert_eq!(shown.matches("[Y/n/c]").count(), 2, "{shown}");
+    assert!(!shown.contains("resuming"), "{shown}");
     assert!(shown.contains("EXIT=0"), "{shown}");
     assert!(std::fs::read(env.path("junk.bin")).unwrap() == data);
+
+    // "c" cancels: the local file stays as it was.
+    write_file(env.work.path(), "keep.bin", b"mine");
+    let shown = on_terminal(&env, &["get", "t.bin", "keep.bin"], &["c"]).await;
+    assert!(shown.contains("cancelled"), "{shown}");
+    assert!(shown.contains("EXIT=0"), "{shown}");
+    assert_eq!(std::fs::read(env.path("keep.bin")).unwrap(), b"mine");
+    assert!(!env.path("keep.bin.part").exists());
+
+    // An identical file is not asked about.
+    let shown = on_terminal(&env, &["get", "t.bin", "junk.bin"], &["n"]).await;
+    assert!(shown.contains("already complete"), "{shown}");
+    assert!(!shown.contains("[Y/n/c]"), "{shown}");
 }
 
 /// Register and log in `user` (password "pw") through the binary.
@@ -408,6 +439,9 @@ async fn folder_commands_from_the_command_line() {
 
     std::fs::remove_file(env.path("big.bin")).unwrap();
     env.ok(&["get", "docs/2024/big.bin"]).await; // saved as big.bin here
+    let out = run(env.cmd(&["get", "docs/2024/big.bin"])).await;
+    assert!(out.status.success() && stderr(&out).contains("already complete"));
+    write_file(env.work.path(), "big.bin", b"changed");
     let err = env.fails(&["get", "docs/2024/big.bin"]).await;
     assert!(err.contains("--resume"), "{err}");
     env.ok(&["get", "docs/renamed.txt"]).await;
@@ -665,4 +699,115 @@ async fn shell_has_the_folder_commands_and_quoting() {
     assert!(stdout.contains("top.txt"), "{text}");
     assert!(text.contains("Usage:"), "{text}");
     assert!(!text.contains("error:"), "{text}");
+}
+
+/// A TCP proxy in front of the test server that cuts each connection once `limit` bytes
+/// went from the server to the client (set before a command; `u64::MAX` passes all).
+struct CuttingProxy {
+    addr: String,
+    limit: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl CuttingProxy {
+    async fn start(target: String) -> CuttingProxy {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let limit = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+        let shared = limit.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+                    continue;
+                };
+                let mut allowed = shared.load(Ordering::SeqCst);
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                let upstream = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                });
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match server_read.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let n = (n as u64).min(allowed) as usize;
+                        if client_write.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        allowed -= n as u64;
+                        if allowed == 0 {
+                            break;
+                        }
+                    }
+                    upstream.abort();
+                    // Both halves dropped: the connection is cut.
+                });
+            }
+        });
+        CuttingProxy { addr, limit }
+    }
+
+    fn cut_after(&self, bytes: u64) {
+        self.limit.store(bytes, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_get_and_mget_leave_only_part_files_and_resume_them() {
+    let env = Env::new().await;
+    logged_in(&env, "ivy").await;
+    let data = random_bytes(12_000_000, 31);
+    write_file(env.work.path(), "big.bin", &data);
+    env.ok(&["put", "big.bin"]).await;
+    std::fs::remove_file(env.path("big.bin")).unwrap();
+    std::fs::create_dir(env.path("many")).unwrap();
+
+    let proxy = CuttingProxy::start(env.server.addr_string()).await;
+    let via_proxy = |args: &[&str]| {
+        let mut cmd = env.cmd(args);
+        cmd.env("NETDISK_SERVER", &proxy.addr)
+            .env("NETDISK_PASSWORD", "pw")
+            .args(["--user", "ivy"]);
+        cmd
+    };
+    proxy.cut_after(6_000_000);
+    let out = run(via_proxy(&["get", "big.bin"])).await;
+    assert!(!out.status.success());
+    assert!(
+        !env.path("big.bin").exists(),
+        "no partial file under the real name"
+    );
+    let part_len = std::fs::metadata(env.path("big.bin.part")).unwrap().len();
+    assert!(part_len > 0 && part_len < 12_000_000, "{part_len}");
+
+    let out = run(via_proxy(&["mget", "-C", "many", "big.bin"])).await;
+    assert!(!out.status.success());
+    assert!(!env.path("many/big.bin").exists());
+    assert!(env.path("many/big.bin.part").exists());
+
+    // Run again: the .part files are found and continued.
+    proxy.cut_after(u64::MAX);
+    let out = run(via_proxy(&["get", "big.bin"])).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("resuming"), "{}", stderr(&out));
+    assert!(std::fs::read(env.path("big.bin")).unwrap() == data);
+    assert!(!env.path("big.bin.part").exists());
+    let out = run(via_proxy(&["mget", "-C", "many", "big.bin"])).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(std::fs::read(env.path("many/big.bin")).unwrap() == data);
+    assert!(!env.path("many/big.bin.part").exists());
+
+    // A .part beside an existing file is resumed without a question, and replaces it
+    // only once verified.
+    write_file(env.work.path(), "big.bin", b"old");
+    write_file(env.work.path(), "big.bin.part", &data[..5_000_000]);
+    let out = run(env.cmd(&["get", "big.bin"])).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("resuming"), "{}", stderr(&out));
+    assert!(std::fs::read(env.path("big.bin")).unwrap() == data);
+    assert!(!env.path("big.bin.part").exists());
 }
