@@ -37,6 +37,9 @@ struct Cli {
     /// No progress bars or notes (errors are still printed)
     #[arg(long, short, global = true)]
     quiet: bool,
+    /// On an error, also print its underlying cause (library and system messages)
+    #[arg(long, short, global = true)]
+    verbose: bool,
     /// Plain TCP without TLS, on the server or the client (both sides must agree).
     /// Logins stay SCRAM, but file contents and session tokens travel unencrypted
     #[arg(long, global = true, env = "NETDISK_NO_TLS")]
@@ -294,6 +297,7 @@ struct ServeArgs {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let verbose = cli.verbose;
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -304,10 +308,145 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("netdisk: error: {e:#}");
-            ExitCode::FAILURE
+            let (message, code) = explain(&e);
+            eprintln!("netdisk: error: {message}");
+            if verbose {
+                for cause in e.chain().skip(1) {
+                    eprintln!("  cause: {cause}");
+                }
+            }
+            ExitCode::from(code)
         }
     }
+}
+
+/// An error as the user should read it: what happened and what to do, one line, and the
+/// class of failure (the exit code). The full chain goes to `--verbose`.
+#[derive(Debug)]
+struct Failure {
+    message: String,
+    exit: u8,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// Exit codes: one per main class of failure (documented in --help and README).
+mod exit {
+    pub const GENERAL: u8 = 1;
+    pub const AUTH: u8 = 3;
+    pub const NOT_FOUND: u8 = 4;
+    pub const NETWORK: u8 = 5;
+    pub const VERIFY: u8 = 6;
+    pub const REFUSED: u8 = 7;
+}
+
+/// Wrap `cause` in a [`Failure`]: `message` is shown, `cause` only with --verbose.
+fn failure(cause: impl Into<anyhow::Error>, exit: u8, message: String) -> anyhow::Error {
+    cause.into().context(Failure { message, exit })
+}
+
+/// The line to print and the exit code of an error.
+fn explain(e: &anyhow::Error) -> (String, u8) {
+    if let Some(f) = e.downcast_ref::<Failure>() {
+        return (clean(&f.message), f.exit);
+    }
+    let code = e
+        .chain()
+        .find_map(|cause| {
+            if let Some(f) = cause.downcast_ref::<Failure>() {
+                return Some(f.exit);
+            }
+            cause.downcast_ref::<netdisk::Error>().map(error_class)
+        })
+        .unwrap_or(exit::GENERAL);
+    // The chain on one line, as before, but without system error numbers.
+    let text = format!("{e:#}");
+    (clean(text.lines().next().unwrap_or_default()), code)
+}
+
+fn error_class(e: &netdisk::Error) -> u8 {
+    use netdisk::Error;
+    match e {
+        Error::Remote { code, .. } => match code {
+            ErrorCode::AuthFailed | ErrorCode::NotLoggedIn => exit::AUTH,
+            ErrorCode::NotFound => exit::NOT_FOUND,
+            ErrorCode::ChecksumMismatch => exit::VERIFY,
+            _ => exit::REFUSED,
+        },
+        Error::ChecksumMismatch(_) => exit::VERIFY,
+        Error::ConnectionClosed | Error::Protocol(_) => exit::NETWORK,
+        Error::Io(io) if is_network_io(io) => exit::NETWORK,
+        Error::Io(_) | Error::Invalid(_) => exit::GENERAL,
+    }
+}
+
+fn is_network_io(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        UnexpectedEof
+            | ConnectionReset
+            | ConnectionAborted
+            | ConnectionRefused
+            | BrokenPipe
+            | NotConnected
+            | TimedOut
+            | InvalidData
+    )
+}
+
+/// Whether an error means the connection broke (not a refusal or a local problem).
+fn is_connection_lost(e: &netdisk::Error) -> bool {
+    match e {
+        netdisk::Error::ConnectionClosed => true,
+        netdisk::Error::Io(io) => is_network_io(io),
+        _ => false,
+    }
+}
+
+/// Drop ` (os error N)` and anything after a URL from a message.
+fn clean(message: &str) -> String {
+    let mut text = message.to_string();
+    while let Some(start) = text.find(" (os error ") {
+        match text[start..].find(')') {
+            Some(end) => text.replace_range(start..start + end + 1, ""),
+            None => break,
+        }
+    }
+    if let Some(url) = text.find("https://").or_else(|| text.find("http://")) {
+        text.truncate(url);
+        text = text.trim_end_matches([' ', ':', '(']).to_string();
+    }
+    text
+}
+
+/// A transfer's error: a broken connection says how far it got and to run it again.
+fn transfer_error(e: netdisk::Error, server: &str, bar: &Bar) -> anyhow::Error {
+    if !is_connection_lost(&e) {
+        return e.into();
+    }
+    let progress = if bar.total > 0 {
+        format!(
+            "{} of {}",
+            ByteSize(bar.position.min(bar.total)),
+            ByteSize(bar.total)
+        )
+    } else {
+        ByteSize(bar.position).to_string()
+    };
+    failure(
+        e,
+        exit::NETWORK,
+        format!(
+            "connection to {server} lost after {progress}; run the same command again to resume"
+        ),
+    )
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -468,7 +607,10 @@ async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> anyhow::Resul
                     Some(dir) => dir,
                 };
                 let mut bar = ui.progress();
-                let report = client.put_tree(&local_file, &remote, &mut bar).await?;
+                let report = client
+                    .put_tree(&local_file, &remote, &mut bar)
+                    .await
+                    .map_err(|e| transfer_error(e, &ctx.server, &bar))?;
                 return report_tree("uploaded", &remote, &report, ui);
             }
             let name = match remote_name {
@@ -481,7 +623,10 @@ async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> anyhow::Resul
                 },
             };
             let mut bar = ui.progress();
-            let outcome = client.put(&local_file, &name, restart, &mut bar).await?;
+            let outcome = client
+                .put(&local_file, &name, restart, &mut bar)
+                .await
+                .map_err(|e| transfer_error(e, &ctx.server, &bar))?;
             ui.say(&format!(
                 "uploaded {name} ({} bytes, verified)",
                 outcome.size
@@ -504,7 +649,10 @@ async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> anyhow::Resul
                     Some(dir) => dir,
                 };
                 let mut bar = ui.progress();
-                let report = client.get_tree(&remote_name, &local, &mut bar).await?;
+                let report = client
+                    .get_tree(&remote_name, &local, &mut bar)
+                    .await
+                    .map_err(|e| transfer_error(e, &ctx.server, &bar))?;
                 return report_tree("downloaded", &local.display().to_string(), &report, ui);
             }
             let local = local_target(&remote_name, local_path);
@@ -530,7 +678,10 @@ async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> anyhow::Resul
                 }
             };
             let mut bar = ui.progress();
-            let outcome = client.get(&remote_name, &local, resume, &mut bar).await?;
+            let outcome = client
+                .get(&remote_name, &local, resume, &mut bar)
+                .await
+                .map_err(|e| transfer_error(e, &ctx.server, &bar))?;
             ui.say(&format!(
                 "downloaded {remote_name} to {} ({} bytes, verified)",
                 local.display(),
@@ -556,7 +707,10 @@ async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> anyhow::Resul
             let mut bar = ui.progress();
             bar.files_total(pairs.len() as u64);
             bar.start(total, 0);
-            let results = client.put_many(&pairs, &mut bar).await?;
+            let results = client
+                .put_many(&pairs, &mut bar)
+                .await
+                .map_err(|e| transfer_error(e, &ctx.server, &bar))?;
             bar.finish();
             let names = pairs.iter().map(|(_, name)| name.as_str());
             report_many("uploaded", names, &results, ui)
@@ -589,7 +743,10 @@ async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> anyhow::Resul
             let mut bar = ui.progress();
             bar.files_total(wanted.len() as u64);
             bar.start(0, 0);
-            let mut results = client.get_many(&wanted, &mut bar).await?;
+            let mut results = client
+                .get_many(&wanted, &mut bar)
+                .await
+                .map_err(|e| transfer_error(e, &ctx.server, &bar))?;
             bar.finish();
             for (name, local) in &partial {
                 let mut bar = ui.progress();
@@ -597,7 +754,7 @@ async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> anyhow::Resul
                 bar.finish();
                 if let Err(e @ (netdisk::Error::Io(_) | netdisk::Error::ConnectionClosed)) = result
                 {
-                    return Err(e.into());
+                    return Err(transfer_error(e, &ctx.server, &bar));
                 }
                 results.push(result);
             }
@@ -861,7 +1018,21 @@ struct Remote {
 
 impl Remote {
     async fn connect(&self) -> anyhow::Result<Client> {
-        let client = Client::connect_with(&self.server, &self.options).await?;
+        let client = Client::connect_with(&self.server, &self.options)
+            .await
+            .map_err(|e| {
+                let message = e.to_string();
+                let exit = if message.starts_with("WARNING") {
+                    exit::VERIFY
+                } else if message.contains("connection secret") {
+                    exit::AUTH
+                } else if let Some(code) = e.code() {
+                    error_class(&netdisk::Error::remote(code, ""))
+                } else {
+                    exit::NETWORK
+                };
+                failure(e, exit, message)
+            })?;
         if let Some(fingerprint) = client.newly_pinned() {
             self.ui.say(&format!(
                 "note: first connection to {}: trusting its certificate {fingerprint} from now on",
@@ -1163,6 +1334,8 @@ impl Ui {
     /// A progress bar on a terminal; silent otherwise (notes still shown).
     fn progress(&self) -> Bar {
         Bar {
+            position: 0,
+            total: 0,
             bar: None,
             show_bar: !self.quiet && std::io::stderr().is_terminal(),
             quiet: self.quiet,
@@ -1172,6 +1345,9 @@ impl Ui {
 }
 
 struct Bar {
+    /// Bytes in place and in all, whether or not a bar is drawn (for error messages).
+    position: u64,
+    total: u64,
     bar: Option<ProgressBar>,
     show_bar: bool,
     quiet: bool,
@@ -1189,6 +1365,8 @@ impl Bar {
 
 impl Progress for Bar {
     fn start(&mut self, total: u64, from: u64) {
+        self.total = total;
+        self.position = from;
         if !self.show_bar {
             return;
         }
@@ -1218,6 +1396,7 @@ impl Progress for Bar {
     }
 
     fn advance(&mut self, bytes: u64) {
+        self.position += bytes;
         if let Some(bar) = &self.bar {
             bar.inc(bytes);
         }

@@ -97,7 +97,9 @@ impl Client {
     /// Connect with TLS and/or the connection check as `options` say.
     pub async fn connect_with(addr: &str, options: &ConnectOptions) -> Result<Client> {
         let socket = TcpStream::connect(addr).await.map_err(|e| {
-            Error::Invalid(format!("cannot reach the netdisk server at {addr}: {e}"))
+            Error::Invalid(format!(
+                "cannot reach the netdisk server at {addr}: {e}; is it running, and is --server right?"
+            ))
         })?;
         socket.set_nodelay(true)?;
         let (mut conn, newly_pinned) = match &options.tls {
@@ -107,8 +109,22 @@ impl Client {
                 (Connection::new(connected.stream), connected.newly_pinned)
             }
         };
+        // What a failure at each step of the greeting most likely means.
+        let tls_on_there = || {
+            Error::Invalid(format!(
+                "the server at {addr} uses TLS but this client has TLS off: drop --no-tls (and NETDISK_NO_TLS)"
+            ))
+        };
         if let Some(secret) = &options.secret {
-            conncheck::answer_challenge(&mut conn, secret).await?;
+            conncheck::answer_challenge(&mut conn, secret)
+                .await
+                .map_err(|e| match e {
+                    Error::Remote { .. } => e,
+                    _ if options.tls.is_none() => tls_on_there(),
+                    _ => Error::Invalid(format!(
+                        "the server at {addr} closed the connection before its connection check (does it use --secret-file?)"
+                    )),
+                })?;
         }
         conn.write_header(&Request::Hello {
             version: PROTOCOL_VERSION,
@@ -116,18 +132,26 @@ impl Client {
         })
         .await?;
         conn.flush().await?;
+        let closed = || {
+            if options.secret.is_some() {
+                Error::Invalid(
+                    "the server refused the connection secret: use the same --secret-file as the server"
+                        .to_string(),
+                )
+            } else if options.tls.is_none() {
+                tls_on_there()
+            } else {
+                Error::Invalid(format!(
+                    "the server at {addr} closed the connection during the greeting (does it require --secret-file?)"
+                ))
+            }
+        };
         let header = conn.read_header().await.map_err(|e| match e {
-            // A TLS server talked to in plain text, or a closed check, ends here.
-            Error::ConnectionClosed | Error::Protocol(_) => Error::Invalid(format!(
-                "the server at {addr} closed the connection during the greeting (does it use TLS, or require --secret-file?)"
-            )),
+            // A TLS server talked to in plain text, or a failed check, ends here.
+            Error::ConnectionClosed | Error::Protocol(_) | Error::Io(_) => closed(),
             other => other,
         })?;
-        let header = header.ok_or_else(|| {
-            Error::Invalid(format!(
-                "the server at {addr} closed the connection during the greeting"
-            ))
-        })?;
+        let header = header.ok_or_else(closed)?;
         if header.get("cmd").and_then(|c| c.as_str()) == Some("challenge") {
             return Err(Error::Invalid(format!(
                 "the server at {addr} requires a shared secret: pass --secret-file FILE"

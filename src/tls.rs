@@ -205,7 +205,7 @@ pub async fn connect(tcp: TcpStream, addr: &str, mode: &ClientTls) -> Result<Con
             let stream = TlsConnector::from(Arc::new(config))
                 .connect(server_name, tcp)
                 .await
-                .map_err(|e| tls_error(&format!("TLS with {addr} failed"), e))?;
+                .map_err(|e| handshake_failed(addr, e))?;
             Ok(Connected {
                 stream,
                 newly_pinned: None,
@@ -231,7 +231,7 @@ pub async fn connect(tcp: TcpStream, addr: &str, mode: &ClientTls) -> Result<Con
                     "WARNING: the server at {addr} presented certificate {seen}, but {expected} is on record in {}; someone may be intercepting the connection. If the server's certificate really changed, delete the line for {addr} from that file",
                     known_servers.display()
                 ))),
-                (Err(e), _, _) => Err(tls_error(&format!("TLS with {addr} failed"), e)),
+                (Err(e), _, _) => Err(handshake_failed(addr, e)),
                 (Ok(stream), Some(_), _) => Ok(Connected {
                     stream,
                     newly_pinned: None,
@@ -247,6 +247,37 @@ pub async fn connect(tcp: TcpStream, addr: &str, mode: &ClientTls) -> Result<Con
             }
         }
     }
+}
+
+/// A TLS handshake that failed. Mostly a server with TLS off (`serve --no-tls`): it
+/// answers the client's hello with no TLS at all. The message says that and what to do;
+/// the TLS library's own words stay as the source (shown with `--verbose`).
+#[derive(Debug)]
+struct HandshakeFailed {
+    message: String,
+    cause: std::io::Error,
+}
+
+impl std::fmt::Display for HandshakeFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for HandshakeFailed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.cause)
+    }
+}
+
+fn handshake_failed(addr: &str, cause: std::io::Error) -> Error {
+    let message = format!(
+        "the TLS handshake with {addr} failed: the server probably has TLS off (netdisk serve --no-tls); add --no-tls to this command, or run the server without --no-tls"
+    );
+    Error::Io(std::io::Error::new(
+        std::io::ErrorKind::ConnectionAborted,
+        HandshakeFailed { message, cause },
+    ))
 }
 
 /// `host` of `host:port` or `[v6]:port`.

@@ -702,16 +702,35 @@ async fn shell_has_the_folder_commands_and_quoting() {
 }
 
 /// A TCP proxy in front of the test server that cuts each connection once `limit` bytes
-/// went from the server to the client (set before a command; `u64::MAX` passes all).
+/// went either way (set before a command; `u64::MAX` passes all).
 struct CuttingProxy {
     addr: String,
     limit: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
+/// Copy `from` to `to` until `allowed` bytes went, then stop (both sides get dropped).
+async fn copy_at_most(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut allowed: u64,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    while allowed > 0 {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => (n as u64).min(allowed) as usize,
+        };
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+        allowed -= n as u64;
+    }
+}
+
 impl CuttingProxy {
     async fn start(target: String) -> CuttingProxy {
         use std::sync::atomic::Ordering;
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let limit = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
@@ -721,30 +740,15 @@ impl CuttingProxy {
                 let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
                     continue;
                 };
-                let mut allowed = shared.load(Ordering::SeqCst);
-                let (mut client_read, mut client_write) = client.into_split();
-                let (mut server_read, mut server_write) = server.into_split();
-                let upstream = tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
-                });
+                let allowed = shared.load(Ordering::SeqCst);
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
                 tokio::spawn(async move {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        let n = match server_read.read(&mut buf).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        let n = (n as u64).min(allowed) as usize;
-                        if client_write.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                        allowed -= n as u64;
-                        if allowed == 0 {
-                            break;
-                        }
+                    // Whichever direction is cut first ends both.
+                    tokio::select! {
+                        _ = copy_at_most(client_read, server_write, allowed) => {}
+                        _ = copy_at_most(server_read, client_write, allowed) => {}
                     }
-                    upstream.abort();
-                    // Both halves dropped: the connection is cut.
                 });
             }
         });
@@ -754,6 +758,15 @@ impl CuttingProxy {
     fn cut_after(&self, bytes: u64) {
         self.limit.store(bytes, std::sync::atomic::Ordering::SeqCst);
     }
+}
+
+/// A one-line error with no library URL or system error number.
+fn assert_clean_line(err: &str) {
+    let lines = err
+        .lines()
+        .filter(|l| !l.starts_with("note: first connection"));
+    assert_eq!(lines.count(), 1, "one line: {err}");
+    assert!(!err.contains("os error") && !err.contains("http"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -776,7 +789,14 @@ async fn interrupted_get_and_mget_leave_only_part_files_and_resume_them() {
     };
     proxy.cut_after(6_000_000);
     let out = run(via_proxy(&["get", "big.bin"])).await;
-    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(5), "network: {err}");
+    assert!(
+        err.contains(&format!("connection to {} lost after", proxy.addr))
+            && err.contains(" MiB of 11.4 MiB; run the same command again to resume"),
+        "{err}"
+    );
+    assert_clean_line(&err);
     assert!(
         !env.path("big.bin").exists(),
         "no partial file under the real name"
@@ -810,4 +830,96 @@ async fn interrupted_get_and_mget_leave_only_part_files_and_resume_them() {
     assert!(stderr(&out).contains("resuming"), "{}", stderr(&out));
     assert!(std::fs::read(env.path("big.bin")).unwrap() == data);
     assert!(!env.path("big.bin.part").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_connection_during_put_says_how_far_and_to_run_it_again() {
+    let env = Env::new().await;
+    logged_in(&env, "uma").await;
+    let data = random_bytes(12_000_000, 32);
+    write_file(env.work.path(), "up.bin", &data);
+    let proxy = CuttingProxy::start(env.server.addr_string()).await;
+    let via_proxy = |args: &[&str]| {
+        let mut cmd = env.cmd(args);
+        cmd.env("NETDISK_SERVER", &proxy.addr)
+            .env("NETDISK_PASSWORD", "pw")
+            .args(["--user", "uma"]);
+        cmd
+    };
+    proxy.cut_after(7_000_000);
+    let out = run(via_proxy(&["put", "up.bin"])).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(
+        err.contains(&format!("connection to {} lost after", proxy.addr))
+            && err.contains("of 11.4 MiB; run the same command again to resume"),
+        "{err}"
+    );
+    assert_clean_line(&err);
+    // --verbose adds the cause.
+    let mut cmd = via_proxy(&["put", "up.bin", "other.bin", "--verbose"]);
+    cmd.env("NETDISK_SERVER", &proxy.addr);
+    let out = run(cmd).await;
+    assert!(stderr(&out).contains("cause:"), "{}", stderr(&out));
+
+    proxy.cut_after(u64::MAX);
+    let out = run(via_proxy(&["put", "up.bin"])).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("resuming"), "{}", stderr(&out));
+    assert!(std::fs::read(env.server.user_file("uma", "up.bin")).unwrap() == data);
+}
+
+/// An `Env` around a server configured by `adjust` (TLS off unless it turns it on).
+async fn env_with(adjust: impl FnOnce(&mut netdisk::server::ServerConfig)) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    Env {
+        server: TestServer::start_with(dir, root, adjust).await,
+        config: tempfile::tempdir().unwrap(),
+        work: tempfile::tempdir().unwrap(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_setup_errors_say_which_side_and_which_flag() {
+    // A wrong secret file.
+    let env = env_with(|c| {
+        c.tls = netdisk::server::TlsSetting::SelfSigned;
+        c.secret = Some(b"the right secret, long enough".to_vec());
+    })
+    .await;
+    write_file(
+        env.work.path(),
+        "wrong.secret",
+        b"a wrong secret, long enough too",
+    );
+    let out = run(env.cmd(&["--secret-file", "wrong.secret", "ls"])).await;
+    let err = stderr(&out);
+    assert!(
+        err.contains("the server refused the connection secret"),
+        "{err}"
+    );
+    assert_eq!(out.status.code(), Some(3), "auth: {err}");
+    assert_clean_line(&err);
+
+    // A TLS client to a --no-tls server.
+    let env = env_with(|_| {}).await;
+    let out = run(env.cmd(&["ls"])).await;
+    let err = stderr(&out);
+    assert!(err.contains("TLS off") && err.contains("--no-tls"), "{err}");
+    assert_eq!(out.status.code(), Some(5), "network: {err}");
+    assert_clean_line(&err);
+    let out = run(env.cmd(&["--verbose", "ls"])).await;
+    assert!(stderr(&out).contains("cause:"), "{}", stderr(&out));
+
+    // A --no-tls client to a TLS server.
+    let env = Env::new().await;
+    let out = run(env.cmd(&["--no-tls", "-q", "ls"])).await;
+    let err = stderr(&out);
+    assert!(
+        err.contains("uses TLS") && err.contains("TLS off") && err.contains("drop --no-tls"),
+        "{err}"
+    );
+    assert_eq!(out.status.code(), Some(5), "network: {err}");
+    assert_clean_line(&err);
 }
