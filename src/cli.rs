@@ -27,7 +27,7 @@ const DEFAULT_SERVER: &str = "127.0.0.1:9000";
 #[derive(Parser)]
 #[command(name = "netdisk", version, about, long_about)]
 struct Cli {
-    /// Server address (HOST:PORT)
+    /// Server address: HOST:PORT, or HOST for port 9000 (IPv6: [::1]:9000 or [::1])
     #[arg(long, global = true, env = "NETDISK_SERVER", default_value = DEFAULT_SERVER)]
     server: String,
     /// Authenticate this one command as USER (password from NETDISK_PASSWORD or a prompt)
@@ -226,6 +226,41 @@ enum Command {
     /// above (ls, put, get, mkdir, rm, mv, ...), help, quit
     Shell,
     Admin(netdisk::admin::AdminArgs),
+    /// The server certificates this client trusts (pinned on first connection, like ssh's
+    /// known_hosts); `localhost:9000` and `127.0.0.1:9000` are different entries
+    #[command(subcommand)]
+    KnownServers(KnownServersCommand),
+}
+
+#[derive(Subcommand)]
+enum KnownServersCommand {
+    /// Print the pinned servers and their certificate fingerprints
+    List,
+    /// Forget the certificate pinned for a server (like `ssh-keygen -R`), so that the next
+    /// connection trusts the certificate it then sees
+    Forget {
+        /// Server address as given to --server (HOST:PORT, or HOST for port 9000)
+        addr: String,
+    },
+}
+
+/// The default port, added to a `--server` without one.
+const DEFAULT_PORT: u16 = 9000;
+
+/// `HOST` → `HOST:9000`, `[::1]` (or a bare `::1`) → `[::1]:9000`; with a port, unchanged.
+fn with_default_port(addr: &str) -> String {
+    let addr = addr.trim();
+    if let Some(rest) = addr.strip_prefix('[') {
+        return match rest.split_once(']') {
+            Some((_, "")) => format!("{addr}:{DEFAULT_PORT}"),
+            _ => addr.to_string(),
+        };
+    }
+    match addr.matches(':').count() {
+        0 => format!("{addr}:{DEFAULT_PORT}"),
+        1 => addr.to_string(),
+        _ => format!("[{addr}]:{DEFAULT_PORT}"), // a bare IPv6 address
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -449,8 +484,10 @@ fn transfer_error(e: netdisk::Error, server: &str, bar: &Bar) -> anyhow::Error {
     )
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(mut cli: Cli) -> anyhow::Result<()> {
     let ui = Ui { quiet: cli.quiet };
+    // One spelling per server, for the saved logins and the pinned certificates too.
+    cli.server = with_default_port(&cli.server);
     let secret = cli
         .secret_file
         .as_deref()
@@ -461,6 +498,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     if let Command::Admin(args) = cli.command {
         return netdisk::admin::run(args);
+    }
+    if let Command::KnownServers(action) = cli.command {
+        return known_servers(action, ui);
     }
     let tls = match (cli.no_tls, cli.ca) {
         (true, _) => {
@@ -478,7 +518,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ui,
     };
     match cli.command {
-        Command::Serve(_) | Command::Admin(_) => unreachable!("handled above"),
+        Command::Serve(_) | Command::Admin(_) | Command::KnownServers(_) => {
+            unreachable!("handled above")
+        }
         Command::Register { user } => {
             let mut client = remote.connect().await?;
             let password = new_password(&user)?;
@@ -548,7 +590,8 @@ async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> anyhow::Resul
         | Command::Register { .. }
         | Command::Login { .. }
         | Command::Logout
-        | Command::Shell => bail!("not available here"),
+        | Command::Shell
+        | Command::KnownServers(_) => bail!("not available here"),
         Command::Ls {
             path,
             json,
@@ -1065,6 +1108,33 @@ impl Remote {
     }
 }
 
+/// `netdisk known-servers list|forget ADDR`.
+fn known_servers(action: KnownServersCommand, ui: Ui) -> anyhow::Result<()> {
+    let path = config::config_dir()?.join("known_servers");
+    match action {
+        KnownServersCommand::List => {
+            for (addr, fingerprint) in netdisk::tls::known_servers(&path)? {
+                println!("{addr} {fingerprint}");
+            }
+            Ok(())
+        }
+        KnownServersCommand::Forget { addr } => {
+            let addr = with_default_port(&addr);
+            if netdisk::tls::forget_known_server(&path, &addr)? == 0 {
+                return Err(failure(
+                    anyhow!("not in {}", path.display()),
+                    exit::NOT_FOUND,
+                    format!("no certificate is pinned for {addr} (see netdisk known-servers list)"),
+                ));
+            }
+            ui.say(&format!(
+                "forgot the certificate of {addr}; the next connection trusts the one it sees"
+            ));
+            Ok(())
+        }
+    }
+}
+
 /// `get PATH [LOCAL]`: LOCAL defaults to PATH's file name here; an existing folder means
 /// that name inside it.
 fn local_target(remote: &str, local: Option<PathBuf>) -> PathBuf {
@@ -1486,9 +1556,11 @@ async fn shell(remote: &Remote) -> anyhow::Result<()> {
                         }
                         .await
                     }
-                    Command::Serve(_) | Command::Admin(_) | Command::Logout | Command::Shell => {
-                        Err(anyhow!("not available in the shell"))
-                    }
+                    Command::Serve(_)
+                    | Command::Admin(_)
+                    | Command::Logout
+                    | Command::Shell
+                    | Command::KnownServers(_) => Err(anyhow!("not available in the shell")),
                     command => exec(command, &mut client, &ctx).await,
                 },
             },
@@ -1562,6 +1634,15 @@ mod tests {
         assert_eq!(split_words("  ").unwrap(), Vec::<String>::new());
         assert_eq!(split_words("rm ''").unwrap(), ["rm", ""]);
         assert!(split_words("get 'open").is_err());
+    }
+
+    #[test]
+    fn servers_without_a_port_get_9000() {
+        assert_eq!(with_default_port("example.org"), "example.org:9000");
+        assert_eq!(with_default_port("example.org:1"), "example.org:1");
+        assert_eq!(with_default_port("[::1]"), "[::1]:9000");
+        assert_eq!(with_default_port("[::1]:7"), "[::1]:7");
+        assert_eq!(with_default_port("::1"), "[::1]:9000");
     }
 
     #[test]

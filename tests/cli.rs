@@ -195,8 +195,26 @@ async fn failures_exit_non_zero_with_one_clear_line() {
 async fn help_on_every_command() {
     let env = Env::new().await;
     for command in [
-        "serve", "register", "login", "logout", "ls", "put", "get", "mput", "mget", "mkdir",
-        "rmdir", "rm", "mv", "passwd", "whoami", "usage", "versions", "restore", "shell",
+        "serve",
+        "register",
+        "login",
+        "logout",
+        "ls",
+        "put",
+        "get",
+        "mput",
+        "mget",
+        "mkdir",
+        "rmdir",
+        "rm",
+        "mv",
+        "passwd",
+        "whoami",
+        "usage",
+        "versions",
+        "restore",
+        "shell",
+        "known-servers",
     ] {
         let out = env.ok(&[command, "--help"]).await;
         assert!(out.contains("Usage:"), "{command}: {out}");
@@ -922,4 +940,38 @@ async fn connection_setup_errors_say_which_side_and_which_flag() {
     );
     assert_eq!(out.status.code(), Some(5), "network: {err}");
     assert_clean_line(&err);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_port_and_forgetting_a_pinned_server() {
+    let env = Env::new().await;
+    // No port: 9000 (the error names the address it used).
+    for (given, meant) in [
+        ("127.0.0.1", "127.0.0.1:9000"),
+        ("[::1]", "[::1]:9000"),
+        ("localhost", "localhost:9000"),
+    ] {
+        let err = env.fails(&["--server", given, "logout"]).await;
+        assert!(err.contains(&format!("not logged in to {meant}")), "{err}");
+    }
+
+    let addr = env.server.addr_string();
+    logged_in(&env, "kim").await;
+    let list = env.ok(&["known-servers", "list"]).await;
+    assert!(list.starts_with(&format!("{addr} sha256:")), "{list}");
+    let out = run(env.cmd(&["known-servers", "forget", &addr])).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("forgot the certificate of {addr}")));
+    assert_eq!(env.ok(&["known-servers", "list"]).await, "");
+    let out = run(env.cmd(&["known-servers", "forget", &addr])).await;
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no certificate is pinned"));
+    // The next connection pins it again.
+    let out = run(env.cmd(&["whoami"])).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("first connection"),
+        "{}",
+        stderr(&out)
+    );
 }
