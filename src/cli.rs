@@ -20,12 +20,25 @@ use netdisk::ErrorCode;
 
 const DEFAULT_SERVER: &str = "127.0.0.1:9000";
 
+/// The exit codes, as `--help` shows them (README too).
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  other failure (a local file cannot be read or written, ...)
+  2  usage: bad arguments or flags
+  3  authentication: not logged in, wrong user name or password, session ended,
+     wrong connection secret
+  4  not found: no such remote file or folder (or pinned server)
+  5  network: server unreachable, connection lost, TLS on one side only
+  6  verification: a checksum or the server's certificate does not match
+  7  refused by the server: bad name, name taken, exists, not empty, quota, busy";
+
 /// netdisk: a self-hosted network drive.
 ///
 /// Start a server with `netdisk serve`, then `netdisk register NAME`, `netdisk login NAME`,
 /// `netdisk put FILE`, `netdisk ls`, `netdisk get NAME`.
 #[derive(Parser)]
-#[command(name = "netdisk", version, about, long_about)]
+#[command(name = "netdisk", version, about, long_about, after_help = EXIT_CODES)]
 struct Cli {
     /// Server address: HOST:PORT, or HOST for port 9000 (IPv6: [::1]:9000 or [::1])
     #[arg(long, global = true, env = "NETDISK_SERVER", default_value = DEFAULT_SERVER)]
@@ -546,7 +559,11 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
         }
         Command::Logout => {
             let Some(saved) = config::forget_login(&cli.server)? else {
-                bail!("not logged in to {}", cli.server);
+                return Err(failure(
+                    anyhow!("no saved login"),
+                    exit::AUTH,
+                    format!("not logged in to {}", cli.server),
+                ));
             };
             // The local token is gone either way; revoking it on the server is best effort.
             let revoked = async {
@@ -1096,8 +1113,12 @@ impl Remote {
             }
             None => {
                 let saved = config::load_login(server)?.ok_or_else(|| {
-                anyhow!("not logged in to {server}: run `netdisk login USER` first (or pass --user USER)")
-            })?;
+                    failure(
+                        anyhow!("no saved login"),
+                        exit::AUTH,
+                        format!("not logged in to {server}: run `netdisk login USER` first (or pass --user USER)"),
+                    )
+                })?;
                 client
                     .login_with_token(&saved.token)
                     .await

@@ -975,3 +975,46 @@ async fn default_port_and_forgetting_a_pinned_server() {
         stderr(&out)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_codes_tell_the_kind_of_failure() {
+    let env = Env::new().await;
+    let help = env.ok(&["--help"]).await;
+    assert!(
+        help.contains("Exit codes:") && help.contains("7  refused"),
+        "{help}"
+    );
+    let code = |out: std::process::Output| out.status.code();
+
+    // 2: usage.
+    assert_eq!(code(run(env.cmd(&["ls", "--bogus"])).await), Some(2));
+    // 3: authentication.
+    assert_eq!(code(run(env.cmd(&["ls"])).await), Some(3), "not logged in");
+    logged_in(&env, "eve").await;
+    let out = env.with_password("wrong", &["--user", "eve", "ls"]).await;
+    assert_eq!(code(out), Some(3), "wrong password");
+    // 4: not found.
+    assert_eq!(code(run(env.cmd(&["get", "missing.txt"])).await), Some(4));
+    assert_eq!(code(run(env.cmd(&["rm", "missing.txt"])).await), Some(4));
+    // 7: refused by the server.
+    env.ok(&["mkdir", "docs"]).await;
+    assert_eq!(code(run(env.cmd(&["mkdir", "docs"])).await), Some(7));
+    let out = env.with_password("pw", &["register", "eve"]).await;
+    assert_eq!(code(out), Some(7), "name taken");
+    // 5: network.
+    let mut cmd = env.cmd(&["ls"]);
+    cmd.env("NETDISK_SERVER", "127.0.0.1:1");
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert_clean_line(&stderr(&out));
+    // 6: verification (the server's certificate is not the pinned one).
+    let known = env.config.path().join("netdisk/known_servers");
+    std::fs::write(
+        &known,
+        format!("{} sha256:{}\n", env.server.addr_string(), "00".repeat(32)),
+    )
+    .unwrap();
+    let out = run(env.cmd(&["ls"])).await;
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(stderr(&out).contains("WARNING"), "{}", stderr(&out));
+}
