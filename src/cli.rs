@@ -535,12 +535,17 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
             unreachable!("handled above")
         }
         Command::Register { user } => {
+            // The name's rules first: no password typed twice for a name that cannot be.
+            netdisk::names::check_user_name(&user)?;
             let mut client = remote.connect().await?;
             let password = new_password(&user)?;
             client
                 .register(&user, &password, scram::DEFAULT_ITERATIONS)
                 .await?;
-            ui.say(&format!("registered {user}; now run: netdisk login {user}"));
+            ui.say(&format!(
+                "registered {user}; now run: netdisk --server {} login {user}",
+                cli.server
+            ));
             Ok(())
         }
         Command::Login { user } => {
@@ -910,15 +915,14 @@ async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> anyhow::Resul
                 Ok(password) => password,
                 Err(_) => {
                     let new = prompt_secret("new password: ")?;
+                    check_new_password(&new)?;
                     if prompt_secret("again: ")? != new {
                         bail!("the two passwords differ");
                     }
                     new
                 }
             };
-            if new.is_empty() {
-                bail!("the password must not be empty");
-            }
+            check_new_password(&new)?;
             let (user, token) = client
                 .change_password(&current, &new, scram::DEFAULT_ITERATIONS, keep_sessions)
                 .await?;
@@ -1382,17 +1386,26 @@ fn prompt_secret(prompt: &str) -> anyhow::Result<String> {
     Ok(rpassword::prompt_password(prompt)?)
 }
 
+/// The shortest password this client sets (register, passwd).
+const MIN_PASSWORD_CHARS: usize = 8;
+
+/// Refuse a new password that is too short, before anything is sent.
+fn check_new_password(password: &str) -> anyhow::Result<()> {
+    if password.chars().count() < MIN_PASSWORD_CHARS {
+        bail!("the password is too short: use at least {MIN_PASSWORD_CHARS} characters");
+    }
+    Ok(())
+}
+
 /// A new password, typed twice on a terminal.
 fn new_password(user: &str) -> anyhow::Result<String> {
     let password = password(user)?;
+    check_new_password(&password)?;
     if std::env::var_os("NETDISK_PASSWORD").is_none() {
         let again = rpassword::prompt_password("again: ")?;
         if again != password {
             bail!("the two passwords differ");
         }
-    }
-    if password.is_empty() {
-        bail!("the password must not be empty");
     }
     Ok(password)
 }
@@ -1558,6 +1571,7 @@ async fn shell(remote: &Remote) -> anyhow::Result<()> {
                 Ok(ShellLine { command }) => match command {
                     Command::Register { user: name } => {
                         async {
+                            netdisk::names::check_user_name(&name)?;
                             let password = new_password(&name)?;
                             client
                                 .register(&name, &password, scram::DEFAULT_ITERATIONS)

@@ -61,12 +61,12 @@ impl Env {
 async fn register_login_put_ls_get_resume_restart_logout() {
     let env = Env::new().await;
     assert!(env
-        .with_password("pw-1", &["register", "carol"])
+        .with_password("password-1", &["register", "carol"])
         .await
         .status
         .success());
     assert!(env
-        .with_password("pw-1", &["login", "carol"])
+        .with_password("password-1", &["login", "carol"])
         .await
         .status
         .success());
@@ -75,7 +75,9 @@ async fn register_login_put_ls_get_resume_restart_logout() {
         std::fs::metadata(&logins).unwrap().permissions().mode() & 0o777,
         0o600
     );
-    assert!(!std::fs::read_to_string(&logins).unwrap().contains("pw-1"));
+    assert!(!std::fs::read_to_string(&logins)
+        .unwrap()
+        .contains("password-1"));
 
     let listing: serde_json::Value =
         serde_json::from_str(&env.ok(&["ls", "--json"]).await).unwrap();
@@ -135,17 +137,17 @@ async fn register_login_put_ls_get_resume_restart_logout() {
 async fn user_flag_authenticates_one_command_without_saving() {
     let env = Env::new().await;
     assert!(env
-        .with_password("pw-2", &["register", "dan"])
+        .with_password("password-2", &["register", "dan"])
         .await
         .status
         .success());
     write_file(env.work.path(), "x.txt", b"hello");
     let out = env
-        .with_password("pw-2", &["--user", "dan", "put", "x.txt"])
+        .with_password("password-2", &["--user", "dan", "put", "x.txt"])
         .await;
     assert!(out.status.success(), "{}", stderr(&out));
     let out = env
-        .with_password("pw-2", &["--user", "dan", "ls", "--json"])
+        .with_password("password-2", &["--user", "dan", "ls", "--json"])
         .await;
     assert!(String::from_utf8_lossy(&out.stdout).contains("x.txt"));
     assert!(!env.config.path().join("netdisk/logins.json").exists());
@@ -158,13 +160,15 @@ async fn user_flag_authenticates_one_command_without_saving() {
 async fn failures_exit_non_zero_with_one_clear_line() {
     let env = Env::new().await;
     assert!(env
-        .with_password("pw", &["register", "erin"])
+        .with_password("password", &["register", "erin"])
         .await
         .status
         .success());
-    let out = env.with_password("pw", &["register", "erin"]).await;
+    let out = env.with_password("password", &["register", "erin"]).await;
     assert!(!out.status.success() && stderr(&out).contains("already taken"));
-    let out = env.with_password("pw", &["register", "bad/name"]).await;
+    let out = env
+        .with_password("password", &["register", "bad/name"])
+        .await;
     assert!(!out.status.success() && stderr(&out).contains("bad user name"));
     let out = env.with_password("nope", &["login", "erin"]).await;
     assert!(!out.status.success() && stderr(&out).contains("wrong user name or password"));
@@ -172,7 +176,7 @@ async fn failures_exit_non_zero_with_one_clear_line() {
     assert!(!out.status.success() && stderr(&out).contains("wrong user name or password"));
 
     assert!(env
-        .with_password("pw", &["login", "erin"])
+        .with_password("password", &["login", "erin"])
         .await
         .status
         .success());
@@ -227,7 +231,7 @@ async fn shell_runs_commands_from_its_prompt() {
     let env = Env::new().await;
     write_file(env.work.path(), "s.txt", b"shell data");
     let mut cmd = env.cmd(&["shell"]);
-    cmd.env("NETDISK_PASSWORD", "pw-s")
+    cmd.env("NETDISK_PASSWORD", "password-s")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -258,12 +262,12 @@ async fn shell_runs_commands_from_its_prompt() {
 async fn mput_and_mget_move_many_files_over_one_connection() {
     let env = Env::new().await;
     assert!(env
-        .with_password("pw-m", &["register", "mia"])
+        .with_password("password-m", &["register", "mia"])
         .await
         .status
         .success());
     assert!(env
-        .with_password("pw-m", &["login", "mia"])
+        .with_password("password-m", &["login", "mia"])
         .await
         .status
         .success());
@@ -366,12 +370,12 @@ sys.stdout.write("\nEXIT=%d\n" % os.waitstatus_to_exitcode(status))
 async fn on_a_terminal_get_asks_resume_or_start_over() {
     let env = Env::new().await;
     assert!(env
-        .with_password("pw-t", &["register", "tia"])
+        .with_password("password-t", &["register", "tia"])
         .await
         .status
         .success());
     assert!(env
-        .with_password("pw-t", &["login", "tia"])
+        .with_password("password-t", &["login", "tia"])
         .await
         .status
         .success());
@@ -413,10 +417,10 @@ async fn on_a_terminal_get_asks_resume_or_start_over() {
     assert!(!shown.contains("[Y/n/c]"), "{shown}");
 }
 
-/// Register and log in `user` (password "pw") through the binary.
+/// Register and log in `user` (password "password") through the binary.
 async fn logged_in(env: &Env, user: &str) {
     for command in ["register", "login"] {
-        let out = env.with_password("pw", &[command, user]).await;
+        let out = env.with_password("password", &[command, user]).await;
         assert!(out.status.success(), "{command}: {}", stderr(&out));
     }
 }
@@ -649,12 +653,13 @@ async fn passwd_from_the_command_line() {
     // Another machine's saved login (its own config folder).
     let elsewhere = tempfile::tempdir().unwrap();
     let mut cmd = netdisk(&env.server.addr_string(), elsewhere.path());
-    cmd.args(["login", "paul"]).env("NETDISK_PASSWORD", "pw");
+    cmd.args(["login", "paul"])
+        .env("NETDISK_PASSWORD", "password");
     assert!(run(cmd).await.status.success());
 
     let mut cmd = env.cmd(&["passwd"]);
     cmd.env("NETDISK_PASSWORD", "wrong")
-        .env("NETDISK_NEW_PASSWORD", "pw-2");
+        .env("NETDISK_NEW_PASSWORD", "password-2");
     let out = run(cmd).await;
     assert!(!out.status.success());
     assert!(
@@ -664,8 +669,8 @@ async fn passwd_from_the_command_line() {
     );
 
     let mut cmd = env.cmd(&["passwd"]);
-    cmd.env("NETDISK_PASSWORD", "pw")
-        .env("NETDISK_NEW_PASSWORD", "pw-2");
+    cmd.env("NETDISK_PASSWORD", "password")
+        .env("NETDISK_NEW_PASSWORD", "password-2");
     let out = run(cmd).await;
     assert!(out.status.success(), "{}", stderr(&out));
     // This machine's saved login was updated and still works.
@@ -677,10 +682,12 @@ async fn passwd_from_the_command_line() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("no longer works"), "{}", stderr(&out));
     // Old password fails, new works.
-    let out = env.with_password("pw", &["--user", "paul", "whoami"]).await;
+    let out = env
+        .with_password("password", &["--user", "paul", "whoami"])
+        .await;
     assert!(!out.status.success());
     let out = env
-        .with_password("pw-2", &["--user", "paul", "whoami"])
+        .with_password("password-2", &["--user", "paul", "whoami"])
         .await;
     assert!(out.status.success(), "{}", stderr(&out));
 }
@@ -690,7 +697,7 @@ async fn shell_has_the_folder_commands_and_quoting() {
     let env = Env::new().await;
     write_file(env.work.path(), "my file.txt", b"quoted");
     let mut cmd = env.cmd(&["shell"]);
-    cmd.env("NETDISK_PASSWORD", "pw-s")
+    cmd.env("NETDISK_PASSWORD", "password-s")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -801,7 +808,7 @@ async fn interrupted_get_and_mget_leave_only_part_files_and_resume_them() {
     let via_proxy = |args: &[&str]| {
         let mut cmd = env.cmd(args);
         cmd.env("NETDISK_SERVER", &proxy.addr)
-            .env("NETDISK_PASSWORD", "pw")
+            .env("NETDISK_PASSWORD", "password")
             .args(["--user", "ivy"]);
         cmd
     };
@@ -860,7 +867,7 @@ async fn lost_connection_during_put_says_how_far_and_to_run_it_again() {
     let via_proxy = |args: &[&str]| {
         let mut cmd = env.cmd(args);
         cmd.env("NETDISK_SERVER", &proxy.addr)
-            .env("NETDISK_PASSWORD", "pw")
+            .env("NETDISK_PASSWORD", "password")
             .args(["--user", "uma"]);
         cmd
     };
@@ -999,7 +1006,7 @@ async fn exit_codes_tell_the_kind_of_failure() {
     // 7: refused by the server.
     env.ok(&["mkdir", "docs"]).await;
     assert_eq!(code(run(env.cmd(&["mkdir", "docs"])).await), Some(7));
-    let out = env.with_password("pw", &["register", "eve"]).await;
+    let out = env.with_password("password", &["register", "eve"]).await;
     assert_eq!(code(out), Some(7), "name taken");
     // 5: network.
     let mut cmd = env.cmd(&["ls"]);
@@ -1017,4 +1024,46 @@ async fn exit_codes_tell_the_kind_of_failure() {
     let out = run(env.cmd(&["ls"])).await;
     assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
     assert!(stderr(&out).contains("WARNING"), "{}", stderr(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_checks_the_name_first_and_the_password_length() {
+    let env = Env::new().await;
+    // A bad name is refused before any password is asked (on a terminal or not).
+    let err = env.fails(&["register", "bad/name"]).await;
+    assert!(err.contains("bad user name"), "{err}");
+    assert!(!err.contains("password"), "{err}");
+    let shown = on_terminal(&env, &["register", ".hidden"], &[""]).await;
+    assert!(shown.contains("bad user name"), "{shown}");
+    assert!(!shown.contains("password for"), "{shown}");
+
+    // Too short a password: a clear message, nothing registered.
+    let out = env.with_password("short", &["register", "lea"]).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("at least 8 characters"),
+        "{}",
+        stderr(&out)
+    );
+    let out = env.with_password("long enough", &["register", "lea"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The hint names the server it used.
+    let hint = format!(
+        "now run: netdisk --server {} login lea",
+        env.server.addr_string()
+    );
+    assert!(stderr(&out).contains(&hint), "{}", stderr(&out));
+
+    // passwd too.
+    assert!(env
+        .with_password("long enough", &["login", "lea"])
+        .await
+        .status
+        .success());
+    let mut cmd = env.cmd(&["passwd"]);
+    cmd.env("NETDISK_PASSWORD", "long enough")
+        .env("NETDISK_NEW_PASSWORD", "1234567");
+    let out = run(cmd).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("at least 8 characters"));
 }
