@@ -9,7 +9,7 @@ use bytesize::ByteSize;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use netdisk::client::{join_remote, Client, ConnectOptions, Progress, TreeReport};
+use netdisk::client::{join_remote, partial_path, Client, ConnectOptions, Progress, TreeReport};
 use netdisk::config::{self, SavedLogin};
 use netdisk::conncheck;
 use netdisk::protocol::{EntryType, FileEntry};
@@ -20,14 +20,27 @@ use netdisk::ErrorCode;
 
 const DEFAULT_SERVER: &str = "127.0.0.1:9000";
 
+/// The exit codes, as `--help` shows them (README too).
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  other failure (a local file cannot be read or written, ...)
+  2  usage: bad arguments or flags
+  3  authentication: not logged in, wrong user name or password, session ended,
+     wrong connection secret
+  4  not found: no such remote file or folder (or pinned server)
+  5  network: server unreachable, connection lost, TLS on one side only
+  6  verification: a checksum or the server's certificate does not match
+  7  refused by the server: bad name, name taken, exists, not empty, quota, busy";
+
 /// netdisk: a self-hosted network drive.
 ///
 /// Start a server with `netdisk serve`, then `netdisk register NAME`, `netdisk login NAME`,
 /// `netdisk put FILE`, `netdisk ls`, `netdisk get NAME`.
 #[derive(Parser)]
-#[command(name = "netdisk", version, about, long_about)]
+#[command(name = "netdisk", version, about, long_about, after_help = EXIT_CODES)]
 struct Cli {
-    /// Server address (HOST:PORT)
+    /// Server address: HOST:PORT, or HOST for port 9000 (IPv6: [::1]:9000 or [::1])
     #[arg(long, global = true, env = "NETDISK_SERVER", default_value = DEFAULT_SERVER)]
     server: String,
     /// Authenticate this one command as USER (password from NETDISK_PASSWORD or a prompt)
@@ -37,6 +50,9 @@ struct Cli {
     /// No progress bars or notes (errors are still printed)
     #[arg(long, short, global = true)]
     quiet: bool,
+    /// On an error, also print its underlying cause (library and system messages)
+    #[arg(long, short, global = true)]
+    verbose: bool,
     /// Plain TCP without TLS, on the server or the client (both sides must agree).
     /// Logins stay SCRAM, but file contents and session tokens travel unencrypted
     #[arg(long, global = true, env = "NETDISK_NO_TLS")]
@@ -223,6 +239,41 @@ enum Command {
     /// above (ls, put, get, mkdir, rm, mv, ...), help, quit
     Shell,
     Admin(netdisk::admin::AdminArgs),
+    /// The server certificates this client trusts (pinned on first connection, like ssh's
+    /// known_hosts); `localhost:9000` and `127.0.0.1:9000` are different entries
+    #[command(subcommand)]
+    KnownServers(KnownServersCommand),
+}
+
+#[derive(Subcommand)]
+enum KnownServersCommand {
+    /// Print the pinned servers and their certificate fingerprints
+    List,
+    /// Forget the certificate pinned for a server (like `ssh-keygen -R`), so that the next
+    /// connection trusts the certificate it then sees
+    Forget {
+        /// Server address as given to --server (HOST:PORT, or HOST for port 9000)
+        addr: String,
+    },
+}
+
+/// The default port, added to a `--server` without one.
+const DEFAULT_PORT: u16 = 9000;
+
+/// `HOST` → `HOST:9000`, `[::1]` (or a bare `::1`) → `[::1]:9000`; with a port, unchanged.
+fn with_default_port(addr: &str) -> String {
+    let addr = addr.trim();
+    if let Some(rest) = addr.strip_prefix('[') {
+        return match rest.split_once(']') {
+            Some((_, "")) => format!("{addr}:{DEFAULT_PORT}"),
+            _ => addr.to_string(),
+        };
+    }
+    match addr.matches(':').count() {
+        0 => format!("{addr}:{DEFAULT_PORT}"),
+        1 => addr.to_string(),
+        _ => format!("[{addr}]:{DEFAULT_PORT}"), // a bare IPv6 address
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -294,6 +345,7 @@ struct ServeArgs {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let verbose = cli.verbose;
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -304,14 +356,151 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("netdisk: error: {e:#}");
-            ExitCode::FAILURE
+            let (message, code) = explain(&e);
+            eprintln!("netdisk: error: {message}");
+            if verbose {
+                for cause in e.chain().skip(1) {
+                    eprintln!("  cause: {cause}");
+                }
+            }
+            ExitCode::from(code)
         }
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+/// An error as the user should read it: what happened and what to do, one line, and the
+/// class of failure (the exit code). The full chain goes to `--verbose`.
+#[derive(Debug)]
+struct Failure {
+    message: String,
+    exit: u8,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// Exit codes: one per main class of failure (documented in --help and README).
+mod exit {
+    pub const GENERAL: u8 = 1;
+    pub const AUTH: u8 = 3;
+    pub const NOT_FOUND: u8 = 4;
+    pub const NETWORK: u8 = 5;
+    pub const VERIFY: u8 = 6;
+    pub const REFUSED: u8 = 7;
+}
+
+/// Wrap `cause` in a [`Failure`]: `message` is shown, `cause` only with --verbose.
+fn failure(cause: impl Into<anyhow::Error>, exit: u8, message: String) -> anyhow::Error {
+    cause.into().context(Failure { message, exit })
+}
+
+/// The line to print and the exit code of an error.
+fn explain(e: &anyhow::Error) -> (String, u8) {
+    if let Some(f) = e.downcast_ref::<Failure>() {
+        return (clean(&f.message), f.exit);
+    }
+    let code = e
+        .chain()
+        .find_map(|cause| {
+            if let Some(f) = cause.downcast_ref::<Failure>() {
+                return Some(f.exit);
+            }
+            cause.downcast_ref::<netdisk::Error>().map(error_class)
+        })
+        .unwrap_or(exit::GENERAL);
+    // The chain on one line, as before, but without system error numbers.
+    let text = format!("{e:#}");
+    (clean(text.lines().next().unwrap_or_default()), code)
+}
+
+fn error_class(e: &netdisk::Error) -> u8 {
+    use netdisk::Error;
+    match e {
+        Error::Remote { code, .. } => match code {
+            ErrorCode::AuthFailed | ErrorCode::NotLoggedIn => exit::AUTH,
+            ErrorCode::NotFound => exit::NOT_FOUND,
+            ErrorCode::ChecksumMismatch => exit::VERIFY,
+            _ => exit::REFUSED,
+        },
+        Error::ChecksumMismatch(_) => exit::VERIFY,
+        Error::ConnectionClosed | Error::Protocol(_) => exit::NETWORK,
+        Error::Io(io) if is_network_io(io) => exit::NETWORK,
+        Error::Io(_) | Error::Invalid(_) => exit::GENERAL,
+    }
+}
+
+fn is_network_io(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        UnexpectedEof
+            | ConnectionReset
+            | ConnectionAborted
+            | ConnectionRefused
+            | BrokenPipe
+            | NotConnected
+            | TimedOut
+            | InvalidData
+    )
+}
+
+/// Whether an error means the connection broke (not a refusal or a local problem).
+fn is_connection_lost(e: &netdisk::Error) -> bool {
+    match e {
+        netdisk::Error::ConnectionClosed => true,
+        netdisk::Error::Io(io) => is_network_io(io),
+        _ => false,
+    }
+}
+
+/// Drop ` (os error N)` and anything after a URL from a message.
+fn clean(message: &str) -> String {
+    let mut text = message.to_string();
+    while let Some(start) = text.find(" (os error ") {
+        match text[start..].find(')') {
+            Some(end) => text.replace_range(start..start + end + 1, ""),
+            None => break,
+        }
+    }
+    if let Some(url) = text.find("https://").or_else(|| text.find("http://")) {
+        text.truncate(url);
+        text = text.trim_end_matches([' ', ':', '(']).to_string();
+    }
+    text
+}
+
+/// A transfer's error: a broken connection says how far it got and to run it again.
+fn transfer_error(e: netdisk::Error, server: &str, bar: &Bar) -> anyhow::Error {
+    if !is_connection_lost(&e) {
+        return e.into();
+    }
+    let progress = if bar.total > 0 {
+        format!(
+            "{} of {}",
+            ByteSize(bar.position.min(bar.total)),
+            ByteSize(bar.total)
+        )
+    } else {
+        ByteSize(bar.position).to_string()
+    };
+    failure(
+        e,
+        exit::NETWORK,
+        format!(
+            "connection to {server} lost after {progress}; run the same command again to resume"
+        ),
+    )
+}
+
+async fn run(mut cli: Cli) -> anyhow::Result<()> {
     let ui = Ui { quiet: cli.quiet };
+    // One spelling per server, for the saved logins and the pinned certificates too.
+    cli.server = with_default_port(&cli.server);
     let secret = cli
         .secret_file
         .as_deref()
@@ -322,6 +511,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     if let Command::Admin(args) = cli.command {
         return netdisk::admin::run(args);
+    }
+    if let Command::KnownServers(action) = cli.command {
+        return known_servers(action, ui);
     }
     let tls = match (cli.no_tls, cli.ca) {
         (true, _) => {
@@ -339,14 +531,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ui,
     };
     match cli.command {
-        Command::Serve(_) | Command::Admin(_) => unreachable!("handled above"),
+        Command::Serve(_) | Command::Admin(_) | Command::KnownServers(_) => {
+            unreachable!("handled above")
+        }
         Command::Register { user } => {
+            // The name's rules first: no password typed twice for a name that cannot be.
+            netdisk::names::check_user_name(&user)?;
             let mut client = remote.connect().await?;
             let password = new_password(&user)?;
             client
                 .register(&user, &password, scram::DEFAULT_ITERATIONS)
                 .await?;
-            ui.say(&format!("registered {user}; now run: netdisk login {user}"));
+            ui.say(&format!(
+                "registered {user}; now run: netdisk --server {} login {user}",
+                cli.server
+            ));
             Ok(())
         }
         Command::Login { user } => {
@@ -365,7 +564,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Logout => {
             let Some(saved) = config::forget_login(&cli.server)? else {
-                bail!("not logged in to {}", cli.server);
+                return Err(failure(
+                    anyhow!("no saved login"),
+                    exit::AUTH,
+                    format!("not logged in to {}", cli.server),
+                ));
             };
             // The local token is gone either way; revoking it on the server is best effort.
             let revoked = async {
@@ -409,7 +612,8 @@ async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> anyhow::Resul
         | Command::Register { .. }
         | Command::Login { .. }
         | Command::Logout
-        | Command::Shell => bail!("not available here"),
+        | Command::Shell
+        | Command::KnownServers(_) => bail!("not available here"),
         Command::Ls {
             path,
             json,
@@ -468,7 +672,10 @@ async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> anyhow::Resul
                     Some(dir) => dir,
                 };
                 let mut bar = ui.progress();
-                let report = client.put_tree(&local_file, &remote, &mut bar).await?;
+                let report = client
+                    .put_tree(&local_file, &remote, &mut bar)
+                    .await
+                    .map_err(|e| transfer_error(e, &ctx.server, &bar))?;
                 return report_tree("uploaded", &remote, &report, ui);
             }
             let name = match remote_name {
@@ -481,7 +688,10 @@ async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> anyhow::Resul
                 },
             };
             let mut bar = ui.progress();
-            let outcome = client.put(&local_file, &name, restart, &mut bar).await?;
+            let outcome = client
+                .put(&local_file, &name, restart, &mut bar)
+                .await
+                .map_err(|e| transfer_error(e, &ctx.server, &bar))?;
             ui.say(&format!(
                 "uploaded {name} ({} bytes, verified)",
                 outcome.size
@@ -504,13 +714,39 @@ async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> anyhow::Resul
                     Some(dir) => dir,
                 };
                 let mut bar = ui.progress();
-                let report = client.get_tree(&remote_name, &local, &mut bar).await?;
+                let report = client
+                    .get_tree(&remote_name, &local, &mut bar)
+                    .await
+                    .map_err(|e| transfer_error(e, &ctx.server, &bar))?;
                 return report_tree("downloaded", &local.display().to_string(), &report, ui);
             }
             let local = local_target(&remote_name, local_path);
-            let resume = decide_resume(&local, resume, restart)?;
+            let part = partial_path(&local);
+            let has_part = std::fs::symlink_metadata(&part).is_ok_and(|m| m.is_file());
+            let resume = if has_part && !restart {
+                // An interrupted download of it: continue that (the real name is untouched).
+                true
+            } else {
+                if !restart && already_complete(client, &remote_name, &local).await? {
+                    ui.say(&format!(
+                        "{} is already complete (same size and checksum as {remote_name} on the server); nothing to do",
+                        local.display()
+                    ));
+                    return Ok(());
+                }
+                match decide_resume(&local, resume, restart)? {
+                    Some(resume) => resume,
+                    None => {
+                        ui.say(&format!("cancelled; {} is unchanged", local.display()));
+                        return Ok(());
+                    }
+                }
+            };
             let mut bar = ui.progress();
-            let outcome = client.get(&remote_name, &local, resume, &mut bar).await?;
+            let outcome = client
+                .get(&remote_name, &local, resume, &mut bar)
+                .await
+                .map_err(|e| transfer_error(e, &ctx.server, &bar))?;
             ui.say(&format!(
                 "downloaded {remote_name} to {} ({} bytes, verified)",
                 local.display(),
@@ -536,7 +772,10 @@ async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> anyhow::Resul
             let mut bar = ui.progress();
             bar.files_total(pairs.len() as u64);
             bar.start(total, 0);
-            let results = client.put_many(&pairs, &mut bar).await?;
+            let results = client
+                .put_many(&pairs, &mut bar)
+                .await
+                .map_err(|e| transfer_error(e, &ctx.server, &bar))?;
             bar.finish();
             let names = pairs.iter().map(|(_, name)| name.as_str());
             report_many("uploaded", names, &results, ui)
@@ -547,10 +786,16 @@ async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> anyhow::Resul
             overwrite,
         } => {
             let mut wanted = Vec::new();
+            let mut partial = Vec::new();
             let mut skipped = 0;
             for name in &names {
                 let local = dir.join(remote_base_name(name));
-                if local.exists() && !overwrite {
+                let has_part =
+                    std::fs::symlink_metadata(partial_path(&local)).is_ok_and(|m| m.is_file());
+                if has_part && (overwrite || !local.exists()) {
+                    // An interrupted download: continue its partial file.
+                    partial.push((name.clone(), local));
+                } else if local.exists() && !overwrite {
                     eprintln!(
                         "netdisk: {name}: {} exists (use --overwrite)",
                         local.display()
@@ -563,9 +808,22 @@ async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> anyhow::Resul
             let mut bar = ui.progress();
             bar.files_total(wanted.len() as u64);
             bar.start(0, 0);
-            let results = client.get_many(&wanted, &mut bar).await?;
+            let mut results = client
+                .get_many(&wanted, &mut bar)
+                .await
+                .map_err(|e| transfer_error(e, &ctx.server, &bar))?;
             bar.finish();
-            let fetched = wanted.iter().map(|(name, _)| name.as_str());
+            for (name, local) in &partial {
+                let mut bar = ui.progress();
+                let result = client.get(name, local, true, &mut bar).await;
+                bar.finish();
+                if let Err(e @ (netdisk::Error::Io(_) | netdisk::Error::ConnectionClosed)) = result
+                {
+                    return Err(transfer_error(e, &ctx.server, &bar));
+                }
+                results.push(result);
+            }
+            let fetched = wanted.iter().chain(&partial).map(|(name, _)| name.as_str());
             report_many("downloaded", fetched, &results, ui)?;
             if skipped > 0 {
                 bail!("{skipped} of {} files skipped", names.len());
@@ -657,15 +915,14 @@ async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> anyhow::Resul
                 Ok(password) => password,
                 Err(_) => {
                     let new = prompt_secret("new password: ")?;
+                    check_new_password(&new)?;
                     if prompt_secret("again: ")? != new {
                         bail!("the two passwords differ");
                     }
                     new
                 }
             };
-            if new.is_empty() {
-                bail!("the password must not be empty");
-            }
+            check_new_password(&new)?;
             let (user, token) = client
                 .change_password(&current, &new, scram::DEFAULT_ITERATIONS, keep_sessions)
                 .await?;
@@ -825,7 +1082,21 @@ struct Remote {
 
 impl Remote {
     async fn connect(&self) -> anyhow::Result<Client> {
-        let client = Client::connect_with(&self.server, &self.options).await?;
+        let client = Client::connect_with(&self.server, &self.options)
+            .await
+            .map_err(|e| {
+                let message = e.to_string();
+                let exit = if message.starts_with("WARNING") {
+                    exit::VERIFY
+                } else if message.contains("connection secret") {
+                    exit::AUTH
+                } else if let Some(code) = e.code() {
+                    error_class(&netdisk::Error::remote(code, ""))
+                } else {
+                    exit::NETWORK
+                };
+                failure(e, exit, message)
+            })?;
         if let Some(fingerprint) = client.newly_pinned() {
             self.ui.say(&format!(
                 "note: first connection to {}: trusting its certificate {fingerprint} from now on",
@@ -846,8 +1117,12 @@ impl Remote {
             }
             None => {
                 let saved = config::load_login(server)?.ok_or_else(|| {
-                anyhow!("not logged in to {server}: run `netdisk login USER` first (or pass --user USER)")
-            })?;
+                    failure(
+                        anyhow!("no saved login"),
+                        exit::AUTH,
+                        format!("not logged in to {server}: run `netdisk login USER` first (or pass --user USER)"),
+                    )
+                })?;
                 client
                     .login_with_token(&saved.token)
                     .await
@@ -855,6 +1130,33 @@ impl Remote {
             }
         }
         Ok(client)
+    }
+}
+
+/// `netdisk known-servers list|forget ADDR`.
+fn known_servers(action: KnownServersCommand, ui: Ui) -> anyhow::Result<()> {
+    let path = config::config_dir()?.join("known_servers");
+    match action {
+        KnownServersCommand::List => {
+            for (addr, fingerprint) in netdisk::tls::known_servers(&path)? {
+                println!("{addr} {fingerprint}");
+            }
+            Ok(())
+        }
+        KnownServersCommand::Forget { addr } => {
+            let addr = with_default_port(&addr);
+            if netdisk::tls::forget_known_server(&path, &addr)? == 0 {
+                return Err(failure(
+                    anyhow!("not in {}", path.display()),
+                    exit::NOT_FOUND,
+                    format!("no certificate is pinned for {addr} (see netdisk known-servers list)"),
+                ));
+            }
+            ui.say(&format!(
+                "forgot the certificate of {addr}; the next connection trusts the one it sees"
+            ));
+            Ok(())
+        }
     }
 }
 
@@ -933,10 +1235,11 @@ fn report_tree(verb: &str, target: &str, report: &TreeReport, ui: Ui) -> anyhow:
     Ok(())
 }
 
-/// Whether to continue an existing local file: the flag, else ask on a terminal.
-fn decide_resume(local: &Path, resume: bool, restart: bool) -> anyhow::Result<bool> {
+/// Whether to continue an existing local file (`Some(true)`), download it again and
+/// replace it (`Some(false)`), or leave it alone (`None`): the flag, else ask on a terminal.
+fn decide_resume(local: &Path, resume: bool, restart: bool) -> anyhow::Result<Option<bool>> {
     if resume || restart || !local.exists() {
-        return Ok(resume);
+        return Ok(Some(resume));
     }
     if !std::io::stdin().is_terminal() || !std::io::stderr().is_terminal() {
         bail!(
@@ -944,11 +1247,51 @@ fn decide_resume(local: &Path, resume: bool, restart: bool) -> anyhow::Result<bo
             local.display()
         );
     }
-    let answer = ask(&format!(
-        "{} already exists. Resume the download? [Y/n] ",
-        local.display()
-    ))?;
-    Ok(!matches!(answer.trim().to_lowercase().as_str(), "n" | "no"))
+    loop {
+        let answer = ask(&format!(
+            "{} already exists. Resume the download? (y: resume it, n: download it again and replace it, c: cancel) [Y/n/c] ",
+            local.display()
+        ))?;
+        let Some(answer) = answer else {
+            return Ok(None); // end of input
+        };
+        match answer.trim().to_lowercase().as_str() {
+            "" | "y" | "yes" => return Ok(Some(true)),
+            "n" | "no" => return Ok(Some(false)),
+            "c" | "cancel" => return Ok(None),
+            _ => eprintln!("please answer y, n or c"),
+        }
+    }
+}
+
+/// Whether `local` is a file of the same size and checksum as `remote` on the server.
+async fn already_complete(client: &mut Client, remote: &str, local: &Path) -> anyhow::Result<bool> {
+    let Ok(meta) = std::fs::symlink_metadata(local) else {
+        return Ok(false);
+    };
+    if !meta.is_file() {
+        return Ok(false);
+    }
+    let entry = match client.stat(remote, true).await {
+        Ok(entry) => entry,
+        // The get itself reports what is wrong (not found, a folder, ...).
+        Err(e) if e.code().is_some() => return Ok(false),
+        Err(e) => return Err(e.into()),
+    };
+    if entry.kind != EntryType::File || entry.size != meta.len() {
+        return Ok(false);
+    }
+    let Some(remote_digest) = entry.digest else {
+        return Ok(false);
+    };
+    let path = local.to_path_buf();
+    let local_digest = tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(path)?;
+        let chunks = netdisk::digest::hash_reader(file)?;
+        std::io::Result::Ok(netdisk::digest::file_digest(&chunks).to_hex().to_string())
+    })
+    .await??;
+    Ok(local_digest == remote_digest)
 }
 
 /// `10GiB`, `500MB`, `4096`: binary (KiB, MiB, GiB, TiB, or K, M, G, T) and decimal
@@ -1043,27 +1386,40 @@ fn prompt_secret(prompt: &str) -> anyhow::Result<String> {
     Ok(rpassword::prompt_password(prompt)?)
 }
 
+/// The shortest password this client sets (register, passwd).
+const MIN_PASSWORD_CHARS: usize = 8;
+
+/// Refuse a new password that is too short, before anything is sent.
+fn check_new_password(password: &str) -> anyhow::Result<()> {
+    if password.chars().count() < MIN_PASSWORD_CHARS {
+        bail!("the password is too short: use at least {MIN_PASSWORD_CHARS} characters");
+    }
+    Ok(())
+}
+
 /// A new password, typed twice on a terminal.
 fn new_password(user: &str) -> anyhow::Result<String> {
     let password = password(user)?;
+    check_new_password(&password)?;
     if std::env::var_os("NETDISK_PASSWORD").is_none() {
         let again = rpassword::prompt_password("again: ")?;
         if again != password {
             bail!("the two passwords differ");
         }
     }
-    if password.is_empty() {
-        bail!("the password must not be empty");
-    }
     Ok(password)
 }
 
-fn ask(question: &str) -> anyhow::Result<String> {
+/// Ask on the terminal; `None` at the end of input.
+fn ask(question: &str) -> anyhow::Result<Option<String>> {
     eprint!("{question}");
     std::io::stderr().flush()?;
     let mut line = String::new();
-    std::io::stdin().lock().read_line(&mut line)?;
-    Ok(line)
+    if std::io::stdin().lock().read_line(&mut line)? == 0 {
+        eprintln!();
+        return Ok(None);
+    }
+    Ok(Some(line))
 }
 
 /// Where messages and progress go: stderr, and nothing but errors with --quiet.
@@ -1082,6 +1438,8 @@ impl Ui {
     /// A progress bar on a terminal; silent otherwise (notes still shown).
     fn progress(&self) -> Bar {
         Bar {
+            position: 0,
+            total: 0,
             bar: None,
             show_bar: !self.quiet && std::io::stderr().is_terminal(),
             quiet: self.quiet,
@@ -1091,6 +1449,9 @@ impl Ui {
 }
 
 struct Bar {
+    /// Bytes in place and in all, whether or not a bar is drawn (for error messages).
+    position: u64,
+    total: u64,
     bar: Option<ProgressBar>,
     show_bar: bool,
     quiet: bool,
@@ -1108,6 +1469,8 @@ impl Bar {
 
 impl Progress for Bar {
     fn start(&mut self, total: u64, from: u64) {
+        self.total = total;
+        self.position = from;
         if !self.show_bar {
             return;
         }
@@ -1137,6 +1500,7 @@ impl Progress for Bar {
     }
 
     fn advance(&mut self, bytes: u64) {
+        self.position += bytes;
         if let Some(bar) = &self.bar {
             bar.inc(bytes);
         }
@@ -1207,6 +1571,7 @@ async fn shell(remote: &Remote) -> anyhow::Result<()> {
                 Ok(ShellLine { command }) => match command {
                     Command::Register { user: name } => {
                         async {
+                            netdisk::names::check_user_name(&name)?;
                             let password = new_password(&name)?;
                             client
                                 .register(&name, &password, scram::DEFAULT_ITERATIONS)
@@ -1226,9 +1591,11 @@ async fn shell(remote: &Remote) -> anyhow::Result<()> {
                         }
                         .await
                     }
-                    Command::Serve(_) | Command::Admin(_) | Command::Logout | Command::Shell => {
-                        Err(anyhow!("not available in the shell"))
-                    }
+                    Command::Serve(_)
+                    | Command::Admin(_)
+                    | Command::Logout
+                    | Command::Shell
+                    | Command::KnownServers(_) => Err(anyhow!("not available in the shell")),
                     command => exec(command, &mut client, &ctx).await,
                 },
             },
@@ -1302,6 +1669,15 @@ mod tests {
         assert_eq!(split_words("  ").unwrap(), Vec::<String>::new());
         assert_eq!(split_words("rm ''").unwrap(), ["rm", ""]);
         assert!(split_words("get 'open").is_err());
+    }
+
+    #[test]
+    fn servers_without_a_port_get_9000() {
+        assert_eq!(with_default_port("example.org"), "example.org:9000");
+        assert_eq!(with_default_port("example.org:1"), "example.org:1");
+        assert_eq!(with_default_port("[::1]"), "[::1]:9000");
+        assert_eq!(with_default_port("[::1]:7"), "[::1]:7");
+        assert_eq!(with_default_port("::1"), "[::1]:9000");
     }
 
     #[test]

@@ -97,7 +97,9 @@ impl Client {
     /// Connect with TLS and/or the connection check as `options` say.
     pub async fn connect_with(addr: &str, options: &ConnectOptions) -> Result<Client> {
         let socket = TcpStream::connect(addr).await.map_err(|e| {
-            Error::Invalid(format!("cannot reach the netdisk server at {addr}: {e}"))
+            Error::Invalid(format!(
+                "cannot reach the netdisk server at {addr}: {e}; is it running, and is --server right?"
+            ))
         })?;
         socket.set_nodelay(true)?;
         let (mut conn, newly_pinned) = match &options.tls {
@@ -107,8 +109,22 @@ impl Client {
                 (Connection::new(connected.stream), connected.newly_pinned)
             }
         };
+        // What a failure at each step of the greeting most likely means.
+        let tls_on_there = || {
+            Error::Invalid(format!(
+                "the server at {addr} uses TLS but this client has TLS off: drop --no-tls (and NETDISK_NO_TLS)"
+            ))
+        };
         if let Some(secret) = &options.secret {
-            conncheck::answer_challenge(&mut conn, secret).await?;
+            conncheck::answer_challenge(&mut conn, secret)
+                .await
+                .map_err(|e| match e {
+                    Error::Remote { .. } => e,
+                    _ if options.tls.is_none() => tls_on_there(),
+                    _ => Error::Invalid(format!(
+                        "the server at {addr} closed the connection before its connection check (does it use --secret-file?)"
+                    )),
+                })?;
         }
         conn.write_header(&Request::Hello {
             version: PROTOCOL_VERSION,
@@ -116,18 +132,26 @@ impl Client {
         })
         .await?;
         conn.flush().await?;
+        let closed = || {
+            if options.secret.is_some() {
+                Error::Invalid(
+                    "the server refused the connection secret: use the same --secret-file as the server"
+                        .to_string(),
+                )
+            } else if options.tls.is_none() {
+                tls_on_there()
+            } else {
+                Error::Invalid(format!(
+                    "the server at {addr} closed the connection during the greeting (does it require --secret-file?)"
+                ))
+            }
+        };
         let header = conn.read_header().await.map_err(|e| match e {
-            // A TLS server talked to in plain text, or a closed check, ends here.
-            Error::ConnectionClosed | Error::Protocol(_) => Error::Invalid(format!(
-                "the server at {addr} closed the connection during the greeting (does it use TLS, or require --secret-file?)"
-            )),
+            // A TLS server talked to in plain text, or a failed check, ends here.
+            Error::ConnectionClosed | Error::Protocol(_) | Error::Io(_) => closed(),
             other => other,
         })?;
-        let header = header.ok_or_else(|| {
-            Error::Invalid(format!(
-                "the server at {addr} closed the connection during the greeting"
-            ))
-        })?;
+        let header = header.ok_or_else(closed)?;
         if header.get("cmd").and_then(|c| c.as_str()) == Some("challenge") {
             return Err(Error::Invalid(format!(
                 "the server at {addr} requires a shared secret: pass --secret-file FILE"
@@ -588,10 +612,14 @@ impl Client {
         verify_commit(&commit, size, digest, size - to_send).map(|outcome| (outcome, false))
     }
 
-    /// Download `remote` into `local`. With `resume`, an existing local file is taken as a
-    /// partial copy and only the rest is fetched; a partial copy that turns out not to be
-    /// a prefix of the server's file (it changed, or the data differs) is noticed and the
-    /// download starts over. Without `resume` the local file is overwritten.
+    /// Download `remote` into `local`. The bytes go to the partial file beside it
+    /// ([`partial_path`], `NAME.part`), which is renamed over `local` only once the whole
+    /// file's checksum matches the server's: an interrupted download never leaves a
+    /// partial file under the real name. With `resume`, the partial file (or, when there
+    /// is none, an existing `local`, taken as a partial copy) is continued and only the
+    /// rest is fetched; a partial copy that turns out not to be a prefix of the server's
+    /// file (it changed, or the data differs) is noticed and the download starts over.
+    /// Without `resume` a partial file is discarded and `local` is replaced at the end.
     pub async fn get(
         &mut self,
         remote: &str,
@@ -600,12 +628,24 @@ impl Client {
         progress: &mut dyn Progress,
     ) -> Result<TransferOutcome> {
         let remote = &non_root(remote_path(remote)?)?;
-        match self.get_once(remote, local, resume, progress).await {
+        let part = partial_path(local);
+        if resume {
+            let part_exists = std::fs::symlink_metadata(&part).is_ok();
+            let local_is_file = std::fs::symlink_metadata(local).is_ok_and(|m| m.is_file());
+            if !part_exists && local_is_file {
+                std::fs::rename(local, &part).map_err(|e| {
+                    Error::Invalid(format!("cannot rename {}: {e}", local.display()))
+                })?;
+            }
+        } else {
+            remove_if_exists(&part)?;
+        }
+        match self.get_once(remote, local, &part, resume, progress).await {
             Err(Error::ChecksumMismatch(_)) if resume => {
                 progress.notice(
                     "the local partial copy does not match the file on the server; starting over",
                 );
-                self.get_once(remote, local, false, progress).await
+                self.get_once(remote, local, &part, false, progress).await
             }
             other => other,
         }
@@ -615,17 +655,18 @@ impl Client {
         &mut self,
         remote: &str,
         local: &Path,
+        part: &Path,
         resume: bool,
         progress: &mut dyn Progress,
     ) -> Result<TransferOutcome> {
-        let local_len = match std::fs::metadata(local) {
+        let local_len = match std::fs::symlink_metadata(part) {
             Ok(meta) if resume && meta.is_file() => meta.len(),
             _ => 0,
         };
         // Resume at a chunk boundary, so the prefix and the rest hash independently.
         let wanted = local_len / CHUNK_SIZE * CHUNK_SIZE;
         let check_chunk = if wanted > 0 {
-            Some(last_chunk_hash(local, wanted)?)
+            Some(last_chunk_hash(part, wanted)?)
         } else {
             None
         };
@@ -645,16 +686,17 @@ impl Client {
             progress.notice(&format!("{reason}; starting over"));
         } else if reply.offset > 0 {
             progress.notice(&format!(
-                "resuming the download of {remote} at byte {}",
-                reply.offset
+                "resuming the download of {remote} at byte {} (from {})",
+                reply.offset,
+                part.display()
             ));
         }
         self.receive_download(&reply, local, progress).await
     }
 
-    /// Receive the body of a `get` reply into `local` (kept up to `reply.offset`) and
-    /// verify the whole file. If `local` cannot be written, the body is skipped so the
-    /// connection stays usable.
+    /// Receive the body of a `get` reply into the partial file of `local` (kept up to
+    /// `reply.offset`), verify the whole file and only then rename it to `local`. If the
+    /// partial file cannot be written, the body is skipped so the connection stays usable.
     async fn receive_download(
         &mut self,
         reply: &GetReply,
@@ -665,24 +707,29 @@ impl Client {
         if reply.filesize != reply.size.saturating_sub(offset) {
             return Err(Error::Protocol("inconsistent get reply".into()));
         }
-        let opened = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(local);
+        let part = partial_path(local);
+        let opened = {
+            use std::os::unix::fs::OpenOptionsExt;
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&part)
+        };
         let mut file = match opened {
             Ok(file) => file,
             Err(e) => {
                 self.conn.skip_body(reply.filesize).await?;
                 return Err(Error::Invalid(format!(
                     "cannot write {}: {e}",
-                    local.display()
+                    part.display()
                 )));
             }
         };
         file.set_len(offset)?;
         file.seek(SeekFrom::Start(offset))?;
-        let prefix = hash_prefix(open_local(local)?, offset);
+        let prefix = hash_prefix(open_local(&part)?, offset);
         progress.start(reply.size, offset);
         let sink = HashingWriter {
             file,
@@ -697,12 +744,22 @@ impl Client {
         progress.finish();
         let digest = file_digest(&chunks).to_hex().to_string();
         if digest != reply.digest {
+            // Nothing in it can be trusted to resume from.
+            let _ = std::fs::remove_file(&part);
             return Err(Error::ChecksumMismatch(format!(
-                "{} does not match the server's checksum (got {digest}, expected {})",
+                "the download of {} does not match the server's checksum (got {digest}, expected {})",
                 local.display(),
                 reply.digest
             )));
         }
+        sink.file.sync_all()?;
+        std::fs::rename(&part, local).map_err(|e| {
+            Error::Invalid(format!(
+                "cannot rename {} to {}: {e}",
+                part.display(),
+                local.display()
+            ))
+        })?;
         Ok(TransferOutcome {
             size: reply.size,
             resumed_from: offset,
@@ -1126,6 +1183,11 @@ impl Client {
                 progress.file_done();
                 continue;
             }
+            if std::fs::symlink_metadata(partial_path(&path)).is_ok_and(|m| m.is_file()) {
+                // An interrupted download of it: continue that.
+                resume.push((remote, path));
+                continue;
+            }
             match std::fs::symlink_metadata(&path) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => fetch.push((remote, path)),
                 Err(e) => return Err(e.into()),
@@ -1256,6 +1318,31 @@ pub struct TreeReport {
 pub fn remote_path(path: &str) -> Result<String> {
     let nfc = to_nfc(path);
     Ok(split_remote_path(&nfc)?.join("/"))
+}
+
+/// Where a download of `local` is written until it is verified: `NAME.part` beside it.
+/// (A name too long for that gets a hidden `.netdisk-HASH.part` instead.)
+pub fn partial_path(local: &Path) -> PathBuf {
+    let mut name = local
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    if name.len() + ".part".len() > 255 {
+        let hash = blake3::hash(name.as_encoded_bytes()).to_hex();
+        return local.with_file_name(format!(".netdisk-{}.part", &hash[..32]));
+    }
+    name.push(".part");
+    local.with_file_name(name)
+}
+
+fn remove_if_exists(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::Invalid(format!(
+            "cannot remove {}: {e}",
+            path.display()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Refuse the root folder where a file or folder inside it is needed.

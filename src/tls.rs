@@ -205,7 +205,7 @@ pub async fn connect(tcp: TcpStream, addr: &str, mode: &ClientTls) -> Result<Con
             let stream = TlsConnector::from(Arc::new(config))
                 .connect(server_name, tcp)
                 .await
-                .map_err(|e| tls_error(&format!("TLS with {addr} failed"), e))?;
+                .map_err(|e| handshake_failed(addr, e))?;
             Ok(Connected {
                 stream,
                 newly_pinned: None,
@@ -228,10 +228,10 @@ pub async fn connect(tcp: TcpStream, addr: &str, mode: &ClientTls) -> Result<Con
             let seen = verifier.seen.lock().unwrap().clone();
             match (result, expected, seen) {
                 (Err(_), Some(expected), Some(seen)) if expected != seen => Err(Error::Invalid(format!(
-                    "WARNING: the server at {addr} presented certificate {seen}, but {expected} is on record in {}; someone may be intercepting the connection. If the server's certificate really changed, delete the line for {addr} from that file",
+                    "WARNING: the server at {addr} presented certificate {seen}, but {expected} is on record in {}; someone may be intercepting the connection. If the server's certificate really changed, run: netdisk known-servers forget {addr}",
                     known_servers.display()
                 ))),
-                (Err(e), _, _) => Err(tls_error(&format!("TLS with {addr} failed"), e)),
+                (Err(e), _, _) => Err(handshake_failed(addr, e)),
                 (Ok(stream), Some(_), _) => Ok(Connected {
                     stream,
                     newly_pinned: None,
@@ -247,6 +247,37 @@ pub async fn connect(tcp: TcpStream, addr: &str, mode: &ClientTls) -> Result<Con
             }
         }
     }
+}
+
+/// A TLS handshake that failed. Mostly a server with TLS off (`serve --no-tls`): it
+/// answers the client's hello with no TLS at all. The message says that and what to do;
+/// the TLS library's own words stay as the source (shown with `--verbose`).
+#[derive(Debug)]
+struct HandshakeFailed {
+    message: String,
+    cause: std::io::Error,
+}
+
+impl std::fmt::Display for HandshakeFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for HandshakeFailed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.cause)
+    }
+}
+
+fn handshake_failed(addr: &str, cause: std::io::Error) -> Error {
+    let message = format!(
+        "the TLS handshake with {addr} failed: the server probably has TLS off (netdisk serve --no-tls); add --no-tls to this command, or run the server without --no-tls"
+    );
+    Error::Io(std::io::Error::new(
+        std::io::ErrorKind::ConnectionAborted,
+        HandshakeFailed { message, cause },
+    ))
 }
 
 /// `host` of `host:port` or `[v6]:port`.
@@ -271,6 +302,48 @@ fn known_fingerprint(path: &Path, addr: &str) -> Result<Option<String>> {
         .filter_map(|line| line.split_once(' '))
         .find(|(server, _)| *server == addr)
         .map(|(_, fingerprint)| fingerprint.trim().to_string()))
+}
+
+/// Every `(address, fingerprint)` on record, in file order.
+pub fn known_servers(path: &Path) -> Result<Vec<(String, String)>> {
+    let text = match fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(text
+        .lines()
+        .filter(|line| !line.trim_start().starts_with('#'))
+        .filter_map(|line| line.split_once(' '))
+        .map(|(addr, fingerprint)| (addr.to_string(), fingerprint.trim().to_string()))
+        .collect())
+}
+
+/// Remove the lines of `addr` (like `ssh-keygen -R`); returns how many there were.
+pub fn forget_known_server(path: &Path, addr: &str) -> Result<usize> {
+    let text = match fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e.into()),
+    };
+    let mut kept = String::new();
+    let mut removed = 0;
+    for line in text.lines() {
+        let is_addr = !line.trim_start().starts_with('#')
+            && line
+                .split_once(' ')
+                .is_some_and(|(server, _)| server == addr);
+        if is_addr {
+            removed += 1;
+        } else {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    if removed > 0 {
+        crate::durable::write_atomically(path, kept.as_bytes(), 0o600)?;
+    }
+    Ok(removed)
 }
 
 fn record_fingerprint(path: &Path, addr: &str, fingerprint: &str) -> Result<()> {
@@ -318,6 +391,10 @@ mod tests {
             known_fingerprint(&path, "a:1").unwrap().as_deref(),
             Some("sha256:aa")
         );
+        assert_eq!(forget_known_server(&path, "a:1").unwrap(), 1);
+        assert_eq!(known_fingerprint(&path, "a:1").unwrap(), None);
+        assert_eq!(forget_known_server(&path, "a:1").unwrap(), 0);
+        assert_eq!(known_servers(&path).unwrap().len(), 1);
     }
 
     #[test]

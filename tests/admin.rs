@@ -118,8 +118,8 @@ fn user<'a>(users: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
 #[test]
 fn disable_enable_reset_delete_against_a_running_server() {
     let env = Env::start();
-    env.client_ok(Some("pw-1"), &["register", "carol"]);
-    env.client_ok(Some("pw-1"), &["login", "carol"]);
+    env.client_ok(Some("password-1"), &["register", "carol"]);
+    env.client_ok(Some("password-1"), &["login", "carol"]);
     write_file(env.work.path(), "a.txt", b"carol's file");
     env.client_ok(None, &["put", "a.txt"]);
 
@@ -139,14 +139,14 @@ fn disable_enable_reset_delete_against_a_running_server() {
     });
     let err = env.client_fails(None, &["ls"]);
     assert!(err.contains("account disabled"), "{err}");
-    let err = env.client_fails(Some("pw-1"), &["login", "carol"]);
+    let err = env.client_fails(Some("password-1"), &["login", "carol"]);
     assert!(err.contains("account disabled"), "{err}");
     let err = env.client_fails(Some("wrong"), &["login", "carol"]);
     assert!(err.contains("wrong user name or password"), "{err}");
     assert_eq!(user(&env.users_json(), "carol")["disabled"], true);
 
     env.admin_ok(&["enable", "carol"]);
-    env.client_ok(Some("pw-1"), &["login", "carol"]);
+    env.client_ok(Some("password-1"), &["login", "carol"]);
     assert!(env.client_ok(None, &["ls"]).contains("a.txt"));
 
     // Reset: the old password and the old session stop working, the printed one works.
@@ -158,7 +158,7 @@ fn disable_enable_reset_delete_against_a_running_server() {
     eventually("the old session is refused", || {
         !env.client(None, &["ls"]).status.success()
     });
-    let err = env.client_fails(Some("pw-1"), &["login", "carol"]);
+    let err = env.client_fails(Some("password-1"), &["login", "carol"]);
     assert!(err.contains("wrong user name or password"), "{err}");
     env.client_ok(Some(&password), &["login", "carol"]);
     assert!(env.client_ok(None, &["ls"]).contains("a.txt"));
@@ -188,8 +188,8 @@ fn disable_enable_reset_delete_against_a_running_server() {
     let err = env.client_fails(Some(&password), &["login", "carol"]);
     assert!(err.contains("wrong user name or password"), "{err}");
 
-    env.client_ok(Some("pw-2"), &["register", "carol"]);
-    env.client_ok(Some("pw-2"), &["login", "carol"]);
+    env.client_ok(Some("password-2"), &["register", "carol"]);
+    env.client_ok(Some("password-2"), &["login", "carol"]);
     let listing: serde_json::Value =
         serde_json::from_str(&env.client_ok(None, &["ls", "--json"])).unwrap();
     assert_eq!(listing, serde_json::json!([]));
@@ -214,8 +214,8 @@ fn a_new_account_does_not_inherit_an_orphaned_folder() {
     std::fs::create_dir_all(&orphan).unwrap();
     std::fs::write(orphan.join("old.txt"), b"someone else's").unwrap();
 
-    env.client_ok(Some("pw"), &["register", "erin"]);
-    env.client_ok(Some("pw"), &["login", "erin"]);
+    env.client_ok(Some("password"), &["register", "erin"]);
+    env.client_ok(Some("password"), &["login", "erin"]);
     assert_eq!(env.client_ok(None, &["ls", "--json"]).trim(), "[]");
     let moved: Vec<_> = std::fs::read_dir(env.root.join("deleted"))
         .unwrap()
@@ -256,7 +256,7 @@ fn a_second_server_on_the_same_root_is_refused() {
     );
     assert!(stderr(&second).contains(&expected), "{}", stderr(&second));
     // Admin commands do not need the server's lock.
-    env.client_ok(Some("pw"), &["register", "fay"]);
+    env.client_ok(Some("password"), &["register", "fay"]);
     assert!(env.admin_ok(&["users"]).contains("fay"));
 
     let mode = std::os::unix::fs::PermissionsExt::mode(
@@ -278,8 +278,8 @@ fn a_second_server_on_the_same_root_is_refused() {
 #[test]
 fn users_xlsx_shows_the_new_columns_in_openpyxl() {
     let env = Env::start();
-    env.client_ok(Some("pw"), &["register", "gus"]);
-    env.client_ok(Some("pw"), &["register", "hal"]);
+    env.client_ok(Some("password"), &["register", "gus"]);
+    env.client_ok(Some("password"), &["register", "hal"]);
     env.admin_ok(&["disable", "gus"]);
     let script = r#"
 import sys, openpyxl

@@ -61,12 +61,12 @@ impl Env {
 async fn register_login_put_ls_get_resume_restart_logout() {
     let env = Env::new().await;
     assert!(env
-        .with_password("pw-1", &["register", "carol"])
+        .with_password("password-1", &["register", "carol"])
         .await
         .status
         .success());
     assert!(env
-        .with_password("pw-1", &["login", "carol"])
+        .with_password("password-1", &["login", "carol"])
         .await
         .status
         .success());
@@ -75,7 +75,9 @@ async fn register_login_put_ls_get_resume_restart_logout() {
         std::fs::metadata(&logins).unwrap().permissions().mode() & 0o777,
         0o600
     );
-    assert!(!std::fs::read_to_string(&logins).unwrap().contains("pw-1"));
+    assert!(!std::fs::read_to_string(&logins)
+        .unwrap()
+        .contains("password-1"));
 
     let listing: serde_json::Value =
         serde_json::from_str(&env.ok(&["ls", "--json"]).await).unwrap();
@@ -95,11 +97,22 @@ async fn register_login_put_ls_get_resume_restart_logout() {
     env.ok(&["get", "a.bin", "b.bin"]).await;
     assert!(std::fs::read(env.path("b.bin")).unwrap() == data);
 
-    let err = env.fails(&["get", "a.bin", "b.bin"]).await;
+    // The same file again: nothing to do.
+    let out = run(env.cmd(&["get", "a.bin", "b.bin"])).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("already complete"),
+        "{}",
+        stderr(&out)
+    );
+    // A different local file: asks for a flag off a terminal.
+    write_file(env.work.path(), "other.bin", b"other");
+    let err = env.fails(&["get", "a.bin", "other.bin"]).await;
     assert!(
         err.contains("--resume") && err.contains("--restart"),
         "{err}"
     );
+    assert_eq!(std::fs::read(env.path("other.bin")).unwrap(), b"other");
 
     write_file(env.work.path(), "c.bin", &data[..4_500_000]);
     let out = run(env.cmd(&["get", "a.bin", "c.bin", "--resume"])).await;
@@ -124,17 +137,17 @@ async fn register_login_put_ls_get_resume_restart_logout() {
 async fn user_flag_authenticates_one_command_without_saving() {
     let env = Env::new().await;
     assert!(env
-        .with_password("pw-2", &["register", "dan"])
+        .with_password("password-2", &["register", "dan"])
         .await
         .status
         .success());
     write_file(env.work.path(), "x.txt", b"hello");
     let out = env
-        .with_password("pw-2", &["--user", "dan", "put", "x.txt"])
+        .with_password("password-2", &["--user", "dan", "put", "x.txt"])
         .await;
     assert!(out.status.success(), "{}", stderr(&out));
     let out = env
-        .with_password("pw-2", &["--user", "dan", "ls", "--json"])
+        .with_password("password-2", &["--user", "dan", "ls", "--json"])
         .await;
     assert!(String::from_utf8_lossy(&out.stdout).contains("x.txt"));
     assert!(!env.config.path().join("netdisk/logins.json").exists());
@@ -147,13 +160,15 @@ async fn user_flag_authenticates_one_command_without_saving() {
 async fn failures_exit_non_zero_with_one_clear_line() {
     let env = Env::new().await;
     assert!(env
-        .with_password("pw", &["register", "erin"])
+        .with_password("password", &["register", "erin"])
         .await
         .status
         .success());
-    let out = env.with_password("pw", &["register", "erin"]).await;
+    let out = env.with_password("password", &["register", "erin"]).await;
     assert!(!out.status.success() && stderr(&out).contains("already taken"));
-    let out = env.with_password("pw", &["register", "bad/name"]).await;
+    let out = env
+        .with_password("password", &["register", "bad/name"])
+        .await;
     assert!(!out.status.success() && stderr(&out).contains("bad user name"));
     let out = env.with_password("nope", &["login", "erin"]).await;
     assert!(!out.status.success() && stderr(&out).contains("wrong user name or password"));
@@ -161,7 +176,7 @@ async fn failures_exit_non_zero_with_one_clear_line() {
     assert!(!out.status.success() && stderr(&out).contains("wrong user name or password"));
 
     assert!(env
-        .with_password("pw", &["login", "erin"])
+        .with_password("password", &["login", "erin"])
         .await
         .status
         .success());
@@ -184,8 +199,26 @@ async fn failures_exit_non_zero_with_one_clear_line() {
 async fn help_on_every_command() {
     let env = Env::new().await;
     for command in [
-        "serve", "register", "login", "logout", "ls", "put", "get", "mput", "mget", "mkdir",
-        "rmdir", "rm", "mv", "passwd", "whoami", "usage", "versions", "restore", "shell",
+        "serve",
+        "register",
+        "login",
+        "logout",
+        "ls",
+        "put",
+        "get",
+        "mput",
+        "mget",
+        "mkdir",
+        "rmdir",
+        "rm",
+        "mv",
+        "passwd",
+        "whoami",
+        "usage",
+        "versions",
+        "restore",
+        "shell",
+        "known-servers",
     ] {
         let out = env.ok(&[command, "--help"]).await;
         assert!(out.contains("Usage:"), "{command}: {out}");
@@ -198,7 +231,7 @@ async fn shell_runs_commands_from_its_prompt() {
     let env = Env::new().await;
     write_file(env.work.path(), "s.txt", b"shell data");
     let mut cmd = env.cmd(&["shell"]);
-    cmd.env("NETDISK_PASSWORD", "pw-s")
+    cmd.env("NETDISK_PASSWORD", "password-s")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -229,12 +262,12 @@ async fn shell_runs_commands_from_its_prompt() {
 async fn mput_and_mget_move_many_files_over_one_connection() {
     let env = Env::new().await;
     assert!(env
-        .with_password("pw-m", &["register", "mia"])
+        .with_password("password-m", &["register", "mia"])
         .await
         .status
         .success());
     assert!(env
-        .with_password("pw-m", &["login", "mia"])
+        .with_password("password-m", &["login", "mia"])
         .await
         .status
         .success());
@@ -290,17 +323,17 @@ async fn mput_and_mget_move_many_files_over_one_connection() {
         .await;
 }
 
-/// Runs the binary on a pseudo-terminal (Python's pty module), answers its first
-/// question with `answer`, and returns everything it printed.
-async fn on_terminal(env: &Env, args: &[&str], answer: &str) -> String {
+/// Runs the binary on a pseudo-terminal (Python's pty module), answers its questions
+/// (`[Y/n/c]` prompts) with `answers` in turn, and returns everything it printed.
+async fn on_terminal(env: &Env, args: &[&str], answers: &[&str]) -> String {
     let script = r#"
 import os, pty, sys, time
-answer = sys.argv[1].encode()
+answers = [a.encode() for a in sys.argv[1].split(",")] if sys.argv[1] != "-" else [b""]
 pid, fd = pty.fork()
 if pid == 0:
     os.execv(sys.argv[2], sys.argv[2:])
 out = b""
-answered = False
+answered = 0
 deadline = time.time() + 60
 while time.time() < deadline:
     try:
@@ -310,15 +343,20 @@ while time.time() < deadline:
     if not chunk:
         break
     out += chunk
-    if not answered and b"[Y/n]" in out:
-        os.write(fd, answer + b"\r")
-        answered = True
+    while answered < len(answers) and out.count(b"[Y/n/c]") > answered:
+        os.write(fd, answers[answered] + b"\r")
+        answered += 1
 _, status = os.waitpid(pid, 0)
 sys.stdout.write(out.decode("utf-8", "replace"))
 sys.stdout.write("\nEXIT=%d\n" % os.waitstatus_to_exitcode(status))
 "#;
+    let answers = if answers == [""] {
+        "-".to_string()
+    } else {
+        answers.join(",")
+    };
     let mut cmd = std::process::Command::new("python3");
-    cmd.args(["-c", script, answer, env!("CARGO_BIN_EXE_netdisk")])
+    cmd.args(["-c", script, &answers, env!("CARGO_BIN_EXE_netdisk")])
         .args(args)
         .current_dir(env.work.path())
         .env("NETDISK_SERVER", env.server.addr_string())
@@ -332,12 +370,12 @@ sys.stdout.write("\nEXIT=%d\n" % os.waitstatus_to_exitcode(status))
 async fn on_a_terminal_get_asks_resume_or_start_over() {
     let env = Env::new().await;
     assert!(env
-        .with_password("pw-t", &["register", "tia"])
+        .with_password("password-t", &["register", "tia"])
         .await
         .status
         .success());
     assert!(env
-        .with_password("pw-t", &["login", "tia"])
+        .with_password("password-t", &["login", "tia"])
         .await
         .status
         .success());
@@ -347,27 +385,42 @@ async fn on_a_terminal_get_asks_resume_or_start_over() {
 
     // Enter resumes: only the rest is fetched.
     write_file(env.work.path(), "part.bin", &data[..5_000_000]);
-    let shown = on_terminal(&env, &["get", "t.bin", "part.bin"], "").await;
-    assert!(shown.contains("Resume the download? [Y/n]"), "{shown}");
+    let shown = on_terminal(&env, &["get", "t.bin", "part.bin"], &[""]).await;
+    assert!(shown.contains("Resume the download?"), "{shown}");
+    assert!(shown.contains("[Y/n/c]"), "{shown}");
     assert!(shown.contains("resuming the download"), "{shown}");
     assert!(shown.contains("EXIT=0"), "{shown}");
     assert!(std::fs::read(env.path("part.bin")).unwrap() == data);
+    assert!(!env.path("part.bin.part").exists());
 
-    // "n" starts over.
+    // Anything else asks again; "n" then starts over (and says it replaces the file).
     write_file(env.work.path(), "junk.bin", b"not a prefix at all");
-    let shown = on_terminal(&env, &["get", "t.bin", "junk.bin"], "n").await;
-    assert!(
-        shown.contains("[Y/n]") && !shown.contains("resuming"),
-        "{shown}"
-    );
+    let shown = on_terminal(&env, &["get", "t.bin", "junk.bin"], &["maybe", "n"]).await;
+    assert!(shown.contains("replace it"), "{shown}");
+    assert!(shown.contains("please answer y, n or c"), "{shown}");
+    assert_eq!(shown.matches("[Y/n/c]").count(), 2, "{shown}");
+    assert!(!shown.contains("resuming"), "{shown}");
     assert!(shown.contains("EXIT=0"), "{shown}");
     assert!(std::fs::read(env.path("junk.bin")).unwrap() == data);
+
+    // "c" cancels: the local file stays as it was.
+    write_file(env.work.path(), "keep.bin", b"mine");
+    let shown = on_terminal(&env, &["get", "t.bin", "keep.bin"], &["c"]).await;
+    assert!(shown.contains("cancelled"), "{shown}");
+    assert!(shown.contains("EXIT=0"), "{shown}");
+    assert_eq!(std::fs::read(env.path("keep.bin")).unwrap(), b"mine");
+    assert!(!env.path("keep.bin.part").exists());
+
+    // An identical file is not asked about.
+    let shown = on_terminal(&env, &["get", "t.bin", "junk.bin"], &["n"]).await;
+    assert!(shown.contains("already complete"), "{shown}");
+    assert!(!shown.contains("[Y/n/c]"), "{shown}");
 }
 
-/// Register and log in `user` (password "pw") through the binary.
+/// Register and log in `user` (password "password") through the binary.
 async fn logged_in(env: &Env, user: &str) {
     for command in ["register", "login"] {
-        let out = env.with_password("pw", &[command, user]).await;
+        let out = env.with_password("password", &[command, user]).await;
         assert!(out.status.success(), "{command}: {}", stderr(&out));
     }
 }
@@ -408,6 +461,9 @@ async fn folder_commands_from_the_command_line() {
 
     std::fs::remove_file(env.path("big.bin")).unwrap();
     env.ok(&["get", "docs/2024/big.bin"]).await; // saved as big.bin here
+    let out = run(env.cmd(&["get", "docs/2024/big.bin"])).await;
+    assert!(out.status.success() && stderr(&out).contains("already complete"));
+    write_file(env.work.path(), "big.bin", b"changed");
     let err = env.fails(&["get", "docs/2024/big.bin"]).await;
     assert!(err.contains("--resume"), "{err}");
     env.ok(&["get", "docs/renamed.txt"]).await;
@@ -597,12 +653,13 @@ async fn passwd_from_the_command_line() {
     // Another machine's saved login (its own config folder).
     let elsewhere = tempfile::tempdir().unwrap();
     let mut cmd = netdisk(&env.server.addr_string(), elsewhere.path());
-    cmd.args(["login", "paul"]).env("NETDISK_PASSWORD", "pw");
+    cmd.args(["login", "paul"])
+        .env("NETDISK_PASSWORD", "password");
     assert!(run(cmd).await.status.success());
 
     let mut cmd = env.cmd(&["passwd"]);
     cmd.env("NETDISK_PASSWORD", "wrong")
-        .env("NETDISK_NEW_PASSWORD", "pw-2");
+        .env("NETDISK_NEW_PASSWORD", "password-2");
     let out = run(cmd).await;
     assert!(!out.status.success());
     assert!(
@@ -612,8 +669,8 @@ async fn passwd_from_the_command_line() {
     );
 
     let mut cmd = env.cmd(&["passwd"]);
-    cmd.env("NETDISK_PASSWORD", "pw")
-        .env("NETDISK_NEW_PASSWORD", "pw-2");
+    cmd.env("NETDISK_PASSWORD", "password")
+        .env("NETDISK_NEW_PASSWORD", "password-2");
     let out = run(cmd).await;
     assert!(out.status.success(), "{}", stderr(&out));
     // This machine's saved login was updated and still works.
@@ -625,10 +682,12 @@ async fn passwd_from_the_command_line() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("no longer works"), "{}", stderr(&out));
     // Old password fails, new works.
-    let out = env.with_password("pw", &["--user", "paul", "whoami"]).await;
+    let out = env
+        .with_password("password", &["--user", "paul", "whoami"])
+        .await;
     assert!(!out.status.success());
     let out = env
-        .with_password("pw-2", &["--user", "paul", "whoami"])
+        .with_password("password-2", &["--user", "paul", "whoami"])
         .await;
     assert!(out.status.success(), "{}", stderr(&out));
 }
@@ -638,7 +697,7 @@ async fn shell_has_the_folder_commands_and_quoting() {
     let env = Env::new().await;
     write_file(env.work.path(), "my file.txt", b"quoted");
     let mut cmd = env.cmd(&["shell"]);
-    cmd.env("NETDISK_PASSWORD", "pw-s")
+    cmd.env("NETDISK_PASSWORD", "password-s")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -665,4 +724,346 @@ async fn shell_has_the_folder_commands_and_quoting() {
     assert!(stdout.contains("top.txt"), "{text}");
     assert!(text.contains("Usage:"), "{text}");
     assert!(!text.contains("error:"), "{text}");
+}
+
+/// A TCP proxy in front of the test server that cuts each connection once `limit` bytes
+/// went either way (set before a command; `u64::MAX` passes all).
+struct CuttingProxy {
+    addr: String,
+    limit: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Copy `from` to `to` until `allowed` bytes went, then stop (both sides get dropped).
+async fn copy_at_most(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut allowed: u64,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    while allowed > 0 {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => (n as u64).min(allowed) as usize,
+        };
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+        allowed -= n as u64;
+    }
+}
+
+impl CuttingProxy {
+    async fn start(target: String) -> CuttingProxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let limit = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+        let shared = limit.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+                    continue;
+                };
+                let allowed = shared.load(Ordering::SeqCst);
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(async move {
+                    // Whichever direction is cut first ends both.
+                    tokio::select! {
+                        _ = copy_at_most(client_read, server_write, allowed) => {}
+                        _ = copy_at_most(server_read, client_write, allowed) => {}
+                    }
+                });
+            }
+        });
+        CuttingProxy { addr, limit }
+    }
+
+    fn cut_after(&self, bytes: u64) {
+        self.limit.store(bytes, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A one-line error with no library URL or system error number.
+fn assert_clean_line(err: &str) {
+    let lines = err
+        .lines()
+        .filter(|l| !l.starts_with("note: first connection"));
+    assert_eq!(lines.count(), 1, "one line: {err}");
+    assert!(!err.contains("os error") && !err.contains("http"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_get_and_mget_leave_only_part_files_and_resume_them() {
+    let env = Env::new().await;
+    logged_in(&env, "ivy").await;
+    let data = random_bytes(12_000_000, 31);
+    write_file(env.work.path(), "big.bin", &data);
+    env.ok(&["put", "big.bin"]).await;
+    std::fs::remove_file(env.path("big.bin")).unwrap();
+    std::fs::create_dir(env.path("many")).unwrap();
+
+    let proxy = CuttingProxy::start(env.server.addr_string()).await;
+    let via_proxy = |args: &[&str]| {
+        let mut cmd = env.cmd(args);
+        cmd.env("NETDISK_SERVER", &proxy.addr)
+            .env("NETDISK_PASSWORD", "password")
+            .args(["--user", "ivy"]);
+        cmd
+    };
+    proxy.cut_after(6_000_000);
+    let out = run(via_proxy(&["get", "big.bin"])).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(5), "network: {err}");
+    assert!(
+        err.contains(&format!("connection to {} lost after", proxy.addr))
+            && err.contains(" MiB of 11.4 MiB; run the same command again to resume"),
+        "{err}"
+    );
+    assert_clean_line(&err);
+    assert!(
+        !env.path("big.bin").exists(),
+        "no partial file under the real name"
+    );
+    let part_len = std::fs::metadata(env.path("big.bin.part")).unwrap().len();
+    assert!(part_len > 0 && part_len < 12_000_000, "{part_len}");
+
+    let out = run(via_proxy(&["mget", "-C", "many", "big.bin"])).await;
+    assert!(!out.status.success());
+    assert!(!env.path("many/big.bin").exists());
+    assert!(env.path("many/big.bin.part").exists());
+
+    // Run again: the .part files are found and continued.
+    proxy.cut_after(u64::MAX);
+    let out = run(via_proxy(&["get", "big.bin"])).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("resuming"), "{}", stderr(&out));
+    assert!(std::fs::read(env.path("big.bin")).unwrap() == data);
+    assert!(!env.path("big.bin.part").exists());
+    let out = run(via_proxy(&["mget", "-C", "many", "big.bin"])).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(std::fs::read(env.path("many/big.bin")).unwrap() == data);
+    assert!(!env.path("many/big.bin.part").exists());
+
+    // A .part beside an existing file is resumed without a question, and replaces it
+    // only once verified.
+    write_file(env.work.path(), "big.bin", b"old");
+    write_file(env.work.path(), "big.bin.part", &data[..5_000_000]);
+    let out = run(env.cmd(&["get", "big.bin"])).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("resuming"), "{}", stderr(&out));
+    assert!(std::fs::read(env.path("big.bin")).unwrap() == data);
+    assert!(!env.path("big.bin.part").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_connection_during_put_says_how_far_and_to_run_it_again() {
+    let env = Env::new().await;
+    logged_in(&env, "uma").await;
+    let data = random_bytes(12_000_000, 32);
+    write_file(env.work.path(), "up.bin", &data);
+    let proxy = CuttingProxy::start(env.server.addr_string()).await;
+    let via_proxy = |args: &[&str]| {
+        let mut cmd = env.cmd(args);
+        cmd.env("NETDISK_SERVER", &proxy.addr)
+            .env("NETDISK_PASSWORD", "password")
+            .args(["--user", "uma"]);
+        cmd
+    };
+    proxy.cut_after(7_000_000);
+    let out = run(via_proxy(&["put", "up.bin"])).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(
+        err.contains(&format!("connection to {} lost after", proxy.addr))
+            && err.contains("of 11.4 MiB; run the same command again to resume"),
+        "{err}"
+    );
+    assert_clean_line(&err);
+    // --verbose adds the cause.
+    let mut cmd = via_proxy(&["put", "up.bin", "other.bin", "--verbose"]);
+    cmd.env("NETDISK_SERVER", &proxy.addr);
+    let out = run(cmd).await;
+    assert!(stderr(&out).contains("cause:"), "{}", stderr(&out));
+
+    proxy.cut_after(u64::MAX);
+    let out = run(via_proxy(&["put", "up.bin"])).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("resuming"), "{}", stderr(&out));
+    assert!(std::fs::read(env.server.user_file("uma", "up.bin")).unwrap() == data);
+}
+
+/// An `Env` around a server configured by `adjust` (TLS off unless it turns it on).
+async fn env_with(adjust: impl FnOnce(&mut netdisk::server::ServerConfig)) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    Env {
+        server: TestServer::start_with(dir, root, adjust).await,
+        config: tempfile::tempdir().unwrap(),
+        work: tempfile::tempdir().unwrap(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_setup_errors_say_which_side_and_which_flag() {
+    // A wrong secret file.
+    let env = env_with(|c| {
+        c.tls = netdisk::server::TlsSetting::SelfSigned;
+        c.secret = Some(b"the right secret, long enough".to_vec());
+    })
+    .await;
+    write_file(
+        env.work.path(),
+        "wrong.secret",
+        b"a wrong secret, long enough too",
+    );
+    let out = run(env.cmd(&["--secret-file", "wrong.secret", "ls"])).await;
+    let err = stderr(&out);
+    assert!(
+        err.contains("the server refused the connection secret"),
+        "{err}"
+    );
+    assert_eq!(out.status.code(), Some(3), "auth: {err}");
+    assert_clean_line(&err);
+
+    // A TLS client to a --no-tls server.
+    let env = env_with(|_| {}).await;
+    let out = run(env.cmd(&["ls"])).await;
+    let err = stderr(&out);
+    assert!(err.contains("TLS off") && err.contains("--no-tls"), "{err}");
+    assert_eq!(out.status.code(), Some(5), "network: {err}");
+    assert_clean_line(&err);
+    let out = run(env.cmd(&["--verbose", "ls"])).await;
+    assert!(stderr(&out).contains("cause:"), "{}", stderr(&out));
+
+    // A --no-tls client to a TLS server.
+    let env = Env::new().await;
+    let out = run(env.cmd(&["--no-tls", "-q", "ls"])).await;
+    let err = stderr(&out);
+    assert!(
+        err.contains("uses TLS") && err.contains("TLS off") && err.contains("drop --no-tls"),
+        "{err}"
+    );
+    assert_eq!(out.status.code(), Some(5), "network: {err}");
+    assert_clean_line(&err);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_port_and_forgetting_a_pinned_server() {
+    let env = Env::new().await;
+    // No port: 9000 (the error names the address it used).
+    for (given, meant) in [
+        ("127.0.0.1", "127.0.0.1:9000"),
+        ("[::1]", "[::1]:9000"),
+        ("localhost", "localhost:9000"),
+    ] {
+        let err = env.fails(&["--server", given, "logout"]).await;
+        assert!(err.contains(&format!("not logged in to {meant}")), "{err}");
+    }
+
+    let addr = env.server.addr_string();
+    logged_in(&env, "kim").await;
+    let list = env.ok(&["known-servers", "list"]).await;
+    assert!(list.starts_with(&format!("{addr} sha256:")), "{list}");
+    let out = run(env.cmd(&["known-servers", "forget", &addr])).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("forgot the certificate of {addr}")));
+    assert_eq!(env.ok(&["known-servers", "list"]).await, "");
+    let out = run(env.cmd(&["known-servers", "forget", &addr])).await;
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no certificate is pinned"));
+    // The next connection pins it again.
+    let out = run(env.cmd(&["whoami"])).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("first connection"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_codes_tell_the_kind_of_failure() {
+    let env = Env::new().await;
+    let help = env.ok(&["--help"]).await;
+    assert!(
+        help.contains("Exit codes:") && help.contains("7  refused"),
+        "{help}"
+    );
+    let code = |out: std::process::Output| out.status.code();
+
+    // 2: usage.
+    assert_eq!(code(run(env.cmd(&["ls", "--bogus"])).await), Some(2));
+    // 3: authentication.
+    assert_eq!(code(run(env.cmd(&["ls"])).await), Some(3), "not logged in");
+    logged_in(&env, "eve").await;
+    let out = env.with_password("wrong", &["--user", "eve", "ls"]).await;
+    assert_eq!(code(out), Some(3), "wrong password");
+    // 4: not found.
+    assert_eq!(code(run(env.cmd(&["get", "missing.txt"])).await), Some(4));
+    assert_eq!(code(run(env.cmd(&["rm", "missing.txt"])).await), Some(4));
+    // 7: refused by the server.
+    env.ok(&["mkdir", "docs"]).await;
+    assert_eq!(code(run(env.cmd(&["mkdir", "docs"])).await), Some(7));
+    let out = env.with_password("password", &["register", "eve"]).await;
+    assert_eq!(code(out), Some(7), "name taken");
+    // 5: network.
+    let mut cmd = env.cmd(&["ls"]);
+    cmd.env("NETDISK_SERVER", "127.0.0.1:1");
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert_clean_line(&stderr(&out));
+    // 6: verification (the server's certificate is not the pinned one).
+    let known = env.config.path().join("netdisk/known_servers");
+    std::fs::write(
+        &known,
+        format!("{} sha256:{}\n", env.server.addr_string(), "00".repeat(32)),
+    )
+    .unwrap();
+    let out = run(env.cmd(&["ls"])).await;
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(stderr(&out).contains("WARNING"), "{}", stderr(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_checks_the_name_first_and_the_password_length() {
+    let env = Env::new().await;
+    // A bad name is refused before any password is asked (on a terminal or not).
+    let err = env.fails(&["register", "bad/name"]).await;
+    assert!(err.contains("bad user name"), "{err}");
+    assert!(!err.contains("password"), "{err}");
+    let shown = on_terminal(&env, &["register", ".hidden"], &[""]).await;
+    assert!(shown.contains("bad user name"), "{shown}");
+    assert!(!shown.contains("password for"), "{shown}");
+
+    // Too short a password: a clear message, nothing registered.
+    let out = env.with_password("short", &["register", "lea"]).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("at least 8 characters"),
+        "{}",
+        stderr(&out)
+    );
+    let out = env.with_password("long enough", &["register", "lea"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The hint names the server it used.
+    let hint = format!(
+        "now run: netdisk --server {} login lea",
+        env.server.addr_string()
+    );
+    assert!(stderr(&out).contains(&hint), "{}", stderr(&out));
+
+    // passwd too.
+    assert!(env
+        .with_password("long enough", &["login", "lea"])
+        .await
+        .status
+        .success());
+    let mut cmd = env.cmd(&["passwd"]);
+    cmd.env("NETDISK_PASSWORD", "long enough")
+        .env("NETDISK_NEW_PASSWORD", "1234567");
+    let out = run(cmd).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("at least 8 characters"));
 }

@@ -188,7 +188,11 @@ async fn get_resumes_after_a_real_cut() {
 
     // Cut the connection once more than half has arrived.
     cut_download(&server, "movie.bin", &out, data.len() as u64 / 2).await;
-    let partial = std::fs::metadata(&out).unwrap().len();
+    // The partial download waits beside it as movie.out.part, never under the real name.
+    assert!(!out.exists());
+    let partial = std::fs::metadata(netdisk::client::partial_path(&out))
+        .unwrap()
+        .len();
     assert!(
         partial > 2 * CHUNK_SIZE && partial < data.len() as u64,
         "{partial}"
