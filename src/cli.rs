@@ -727,7 +727,13 @@ async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> anyhow::Resul
                 // An interrupted download of it: continue that (the real name is untouched).
                 true
             } else {
-                if !restart && already_complete(client, &remote_name, &local).await? {
+                // Checked when resuming or about to ask; a script that passes neither flag
+                // still gets the "already exists" error (and decides).
+                let interactive = std::io::stdin().is_terminal() && std::io::stderr().is_terminal();
+                if !restart
+                    && (resume || interactive)
+                    && already_complete(client, &remote_name, &local).await?
+                {
                     ui.say(&format!(
                         "{} is already complete (same size and checksum as {remote_name} on the server); nothing to do",
                         local.display()

@@ -97,8 +97,11 @@ async fn register_login_put_ls_get_resume_restart_logout() {
     env.ok(&["get", "a.bin", "b.bin"]).await;
     assert!(std::fs::read(env.path("b.bin")).unwrap() == data);
 
-    // The same file again: nothing to do.
-    let out = run(env.cmd(&["get", "a.bin", "b.bin"])).await;
+    // The same file again: off a terminal a flag is still needed (scripts decide)...
+    let err = env.fails(&["get", "a.bin", "b.bin"]).await;
+    assert!(err.contains("--resume"), "{err}");
+    // ...and resuming an identical file has nothing to do.
+    let out = run(env.cmd(&["get", "a.bin", "b.bin", "--resume"])).await;
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("already complete"),
@@ -461,7 +464,7 @@ async fn folder_commands_from_the_command_line() {
 
     std::fs::remove_file(env.path("big.bin")).unwrap();
     env.ok(&["get", "docs/2024/big.bin"]).await; // saved as big.bin here
-    let out = run(env.cmd(&["get", "docs/2024/big.bin"])).await;
+    let out = run(env.cmd(&["get", "docs/2024/big.bin", "--resume"])).await;
     assert!(out.status.success() && stderr(&out).contains("already complete"));
     write_file(env.work.path(), "big.bin", b"changed");
     let err = env.fails(&["get", "docs/2024/big.bin"]).await;
