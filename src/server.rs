@@ -1485,7 +1485,7 @@ async fn reserve_quota(
         Ok(entry) if entry.kind == Kind::File => entry.size,
         _ => 0,
     };
-    let mut usage = storage.usage(user).await?;
+    let usage = storage.usage(user).await?;
     let in_flight: u64 = guard
         .values()
         .filter(|(p, _)| p != path)
@@ -1498,7 +1498,7 @@ async fn reserve_quota(
         .filter(|(p, _)| p != path && !guard.values().any(|(q, _)| q == p))
         .map(|(_, s)| s)
         .sum();
-    let mut used = usage.file_bytes + usage.version_bytes + staged + in_flight;
+    let used = usage.file_bytes + usage.version_bytes + staged + in_flight;
     let fixed = used - usage.version_bytes - replaced.min(usage.file_bytes);
     if fixed.saturating_add(size) > quota {
         return Err(Error::remote(
@@ -1515,9 +1515,6 @@ async fn reserve_quota(
             user,
             count, freed, "deleted old versions to stay within the quota"
         );
-        usage = storage.usage(user).await?;
-        used = usage.file_bytes + usage.version_bytes + staged + in_flight;
-        let _ = used;
     }
     let id = shared
         .quota

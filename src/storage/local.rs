@@ -182,12 +182,6 @@ impl Storage for LocalStorage {
         self.run(move |inner| inner.retire_user(&user)).await
     }
 
-    async fn user_exists(&self, user: &str) -> Result<bool> {
-        check_user_name(user)?;
-        let dir = self.inner.root.join("files").join(user);
-        Ok(fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir()))
-    }
-
     async fn list(&self, user: &str, dir: &str, after: Option<&str>, limit: usize) -> Result<Page> {
         let (user, dir, after) = (user.to_string(), dir.to_string(), after.map(String::from));
         self.scan(&user.clone(), move |inner| {

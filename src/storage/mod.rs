@@ -165,8 +165,6 @@ pub trait Storage: Send + Sync + 'static {
     /// Move everything of a user aside (account deleted by hand, name registered again);
     /// returns where it went, for the log. `None` when the user had nothing.
     async fn retire_user(&self, user: &str) -> Result<Option<String>>;
-    /// Whether the user has a folder.
-    async fn user_exists(&self, user: &str) -> Result<bool>;
     /// One page of the folder at `dir`: at most `limit` entries with names after `after`.
     async fn list(&self, user: &str, dir: &str, after: Option<&str>, limit: usize) -> Result<Page>;
     /// The entry at `path`.
