@@ -939,6 +939,11 @@ impl Handler {
         let exchange = self.scram_start(client_first)?;
         let message = exchange.server_first.message();
         self.login = Some(exchange);
+        self.server_first(message).await
+    }
+
+    /// The SCRAM server-first reply of a login or password change.
+    async fn server_first(&mut self, message: String) -> Result<Outcome> {
         self.conn
             .write_ok(&AuthReply {
                 message,
@@ -1057,14 +1062,7 @@ impl Handler {
         }
         let message = exchange.server_first.message();
         self.passwd = Some(exchange);
-        self.conn
-            .write_ok(&AuthReply {
-                message,
-                token: None,
-                user: None,
-            })
-            .await?;
-        Ok(Outcome::default())
+        self.server_first(message).await
     }
 
     async fn passwd_finish(

@@ -12,14 +12,6 @@ use netdisk::protocol::{Connection, GetReply, PutReply, Request};
 use netdisk::scram::MIN_ITERATIONS;
 use netdisk::ErrorCode;
 
-async fn put_path(client: &mut Client, dir: &Path, remote: &str, bytes: &[u8]) {
-    let local = write_file(dir, "upload.tmp", bytes);
-    client
-        .put(&local, remote, false, &mut NoProgress)
-        .await
-        .unwrap_or_else(|e| panic!("put {remote}: {e}"));
-}
-
 /// A raw connection logged in with `token`.
 async fn raw(addr: &str, token: &str) -> Connection {
     let socket = tokio::net::TcpStream::connect(addr).await.unwrap();

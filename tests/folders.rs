@@ -21,14 +21,6 @@ fn names(entries: &[netdisk::protocol::FileEntry]) -> Vec<String> {
         .collect()
 }
 
-async fn put_path(client: &mut Client, dir: &Path, remote: &str, bytes: &[u8]) {
-    let local = write_file(dir, "upload.tmp", bytes);
-    client
-        .put(&local, remote, false, &mut NoProgress)
-        .await
-        .unwrap_or_else(|e| panic!("put {remote}: {e}"));
-}
-
 async fn get_bytes(client: &mut Client, dir: &Path, remote: &str) -> Vec<u8> {
     let local = dir.join("download.tmp");
     client

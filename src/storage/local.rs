@@ -839,10 +839,7 @@ impl Inner {
             let size = version_size(&dir, &id, kind).unwrap_or(0);
             out.push(Version {
                 replaced: id_time(&id),
-                id: id
-                    .trim_end_matches(['f', 'd'])
-                    .trim_end_matches('.')
-                    .to_string(),
+                id: public_id(&id).to_string(),
                 kind,
                 size,
             });
@@ -868,9 +865,7 @@ impl Inner {
         let ids = Self::version_ids(&vdir)?;
         let (id, kind) = match version {
             None => ids.first(),
-            Some(v) => ids
-                .iter()
-                .find(|(id, _)| id.trim_end_matches(['f', 'd']).trim_end_matches('.') == v),
+            Some(v) => ids.iter().find(|(id, _)| public_id(id) == v),
         }
         .cloned()
         .ok_or_else(no_version)?;
@@ -1058,6 +1053,11 @@ fn version_size(dir: &OwnedFd, id: &str, kind: Kind) -> Option<u64> {
             .and_then(|tree| fsat::tree_size(&tree).ok())
             .map(|(_, bytes)| bytes),
     }
+}
+
+/// A version's id as clients see it: its file name without the `.f`/`.d` kind.
+fn public_id(id: &str) -> &str {
+    id.split('.').next().unwrap_or(id)
 }
 
 /// When a version was made, from its id (nanoseconds since 1970).

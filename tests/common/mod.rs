@@ -227,3 +227,12 @@ impl Drop for ServerProcess {
         self.kill9();
     }
 }
+
+/// Upload `bytes` to the remote path `remote` (through a temporary local file in `dir`).
+pub async fn put_path(client: &mut Client, dir: &Path, remote: &str, bytes: &[u8]) {
+    let local = write_file(dir, "upload.tmp", bytes);
+    client
+        .put(&local, remote, false, &mut NoProgress)
+        .await
+        .unwrap_or_else(|e| panic!("put {remote}: {e}"));
+}
