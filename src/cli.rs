@@ -341,6 +341,19 @@ struct ServeArgs {
         requires = "tls_cert"
     )]
     tls_key: Option<PathBuf>,
+    /// Keep files and users in an S3-compatible bucket, s3://BUCKET[/PREFIX] (default: the
+    /// local --root). Endpoint, region and keys: --s3-endpoint, --s3-region or AWS_* variables
+    #[cfg(feature = "s3")]
+    #[arg(long, env = "NETDISK_STORAGE", value_name = "URL")]
+    storage: Option<String>,
+    /// S3 endpoint, e.g. http://127.0.0.1:9000 for MinIO (default: AWS_ENDPOINT_URL, or AWS)
+    #[cfg(feature = "s3")]
+    #[arg(long, value_name = "URL", requires = "storage")]
+    s3_endpoint: Option<String>,
+    /// S3 region (default: AWS_REGION, or us-east-1)
+    #[cfg(feature = "s3")]
+    #[arg(long, value_name = "REGION", requires = "storage")]
+    s3_region: Option<String>,
 }
 
 pub fn main() -> ExitCode {
@@ -1049,6 +1062,13 @@ async fn serve(args: ServeArgs, no_tls: bool, secret: Option<Vec<u8>>) -> anyhow
         std::time::Duration::from_secs_f64(args.partial_expiry_hours.max(0.0) * 3600.0);
     config.secret = secret;
     config.quota = args.quota;
+    #[cfg(feature = "s3")]
+    if let Some(url) = &args.storage {
+        let mut store = netdisk::objstore::ObjectStoreConfig::from_url(url)?;
+        store.endpoint = args.s3_endpoint.or(store.endpoint);
+        store.region = args.s3_region.or(store.region);
+        config.object_store = Some(store);
+    }
     config.tls = match (no_tls, args.tls_cert, args.tls_key) {
         (true, _, _) => TlsSetting::Off,
         (false, Some(cert), Some(key)) => TlsSetting::Files { cert, key },

@@ -19,6 +19,7 @@
 //! - [`client`]: the client library the `netdisk` command line is built on.
 //! - [`conncheck`]: the optional shared-secret HMAC check at connection start.
 //! - [`config`]: the client's saved logins under the user's config folder.
+//! - `objstore`: where an S3-compatible bucket is (feature `s3`, on by default).
 
 pub mod admin;
 pub mod client;
@@ -29,6 +30,8 @@ pub mod durable;
 pub mod error;
 pub mod limits;
 pub mod names;
+#[cfg(feature = "s3")]
+pub mod objstore;
 pub mod protocol;
 pub mod rootlock;
 pub mod scram;

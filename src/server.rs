@@ -80,6 +80,11 @@ pub struct ServerConfig {
     pub storage: StorageOptions,
     /// Registrations one address may make at once; then one per 6 s.
     pub registration_burst: u32,
+    /// Files and shared state (users.xlsx, sessions, secret) in an S3-compatible bucket
+    /// (`--storage s3://BUCKET/PREFIX`) instead of under `root`; `root` then keeps only
+    /// what is this node's own (its lock, a local TLS key when not shared).
+    #[cfg(feature = "s3")]
+    pub object_store: Option<crate::objstore::ObjectStoreConfig>,
 }
 
 /// Where the server's TLS certificate comes from.
@@ -108,6 +113,8 @@ impl ServerConfig {
             quota: None,
             storage: StorageOptions::default(),
             registration_burst: 10,
+            #[cfg(feature = "s3")]
+            object_store: None,
         }
     }
 }
@@ -260,6 +267,13 @@ impl Server {
 
 /// Open the root folder: storage areas, users.xlsx, sessions, the server secret.
 fn open_root(root: &Path, config: ServerConfig) -> Result<Shared> {
+    #[cfg(feature = "s3")]
+    if let Some(store) = &config.object_store {
+        return Err(Error::Invalid(format!(
+            "storage {}: object storage is not wired in yet",
+            store.url()
+        )));
+    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)

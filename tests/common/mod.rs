@@ -236,3 +236,111 @@ pub async fn put_path(client: &mut Client, dir: &Path, remote: &str, bytes: &[u8
         .await
         .unwrap_or_else(|e| panic!("put {remote}: {e}"));
 }
+
+/// A bucket of its own on a real S3-compatible server (moto, from PyPI) on loopback.
+pub struct S3Bucket {
+    /// e.g. `http://127.0.0.1:41234`
+    pub endpoint: String,
+    pub bucket: String,
+}
+
+impl S3Bucket {
+    /// `s3://BUCKET/PREFIX` for `netdisk serve --storage`.
+    pub fn url(&self, prefix: &str) -> String {
+        format!("s3://{}/{}", self.bucket, prefix)
+    }
+
+    /// The environment `netdisk serve --storage` (or the library) reads.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+            ("AWS_REGION", "us-east-1".to_string()),
+            ("AWS_ACCESS_KEY_ID", "netdisk-test".to_string()),
+            ("AWS_SECRET_ACCESS_KEY", "netdisk-test-secret".to_string()),
+        ]
+    }
+}
+
+/// A fresh bucket on this test binary's moto server (started on first use, stopped when
+/// the binary exits). `None` when moto is not installed, unless NETDISK_TEST_REQUIRE_S3
+/// is set (as in CI), where that is a failure.
+pub fn s3_bucket() -> Option<S3Bucket> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::OnceLock;
+    static SERVER: OnceLock<Option<(String, std::process::ChildStdin)>> = OnceLock::new();
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let server = SERVER.get_or_init(start_moto);
+    let Some((endpoint, _stdin)) = server else {
+        assert!(
+            std::env::var_os("NETDISK_TEST_REQUIRE_S3").is_none(),
+            "NETDISK_TEST_REQUIRE_S3 is set but moto could not start (pip install 'moto[server]')"
+        );
+        eprintln!("skipped: no S3 test server (pip install 'moto[server]')");
+        return None;
+    };
+    let bucket = format!(
+        "netdisk-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let addr = endpoint.trim_start_matches("http://");
+    let status = http_request(addr, "PUT", &format!("/{bucket}"));
+    assert!(
+        status.starts_with("HTTP/1.1 200"),
+        "create bucket: {status}"
+    );
+    Some(S3Bucket {
+        endpoint: endpoint.clone(),
+        bucket,
+    })
+}
+
+/// Start moto's server on a free loopback port. It exits when its stdin closes, that is
+/// when this test process ends, however it ends.
+fn start_moto() -> Option<(String, std::process::ChildStdin)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .ok()?
+        .local_addr()
+        .ok()?
+        .port();
+    let script = format!(
+        "import os, sys, threading\n\
+         threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()\n\
+         from moto.server import main\n\
+         main(['-H', '127.0.0.1', '-p', '{port}'])\n"
+    );
+    let mut child = Command::new("python3")
+        .args(["-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let stdin = child.stdin.take()?;
+    let addr = format!("127.0.0.1:{port}");
+    for _ in 0..300 {
+        if let Ok(Some(_)) = child.try_wait() {
+            return None; // moto is not installed (import failed)
+        }
+        if std::net::TcpStream::connect(&addr).is_ok() {
+            return Some((format!("http://{addr}"), stdin));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    None
+}
+
+/// One unsigned HTTP/1.1 request (moto accepts them); returns the status line.
+fn http_request(addr: &str, method: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response.lines().next().unwrap_or_default().to_string()
+}
