@@ -262,8 +262,8 @@ impl S3Bucket {
 }
 
 /// A fresh bucket on this test binary's moto server (started on first use, stopped when
-/// the binary exits). `None` when moto is not installed, unless NETDISK_TEST_REQUIRE_S3
-/// is set (as in CI), where that is a failure.
+/// the binary exits). `None` when moto can be neither found nor installed (no network),
+/// unless NETDISK_TEST_REQUIRE_S3 is set (as in CI), where that is a failure.
 pub fn s3_bucket() -> Option<S3Bucket> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::OnceLock;
@@ -275,7 +275,7 @@ pub fn s3_bucket() -> Option<S3Bucket> {
             std::env::var_os("NETDISK_TEST_REQUIRE_S3").is_none(),
             "NETDISK_TEST_REQUIRE_S3 is set but moto could not start (pip install 'moto[server]')"
         );
-        eprintln!("skipped: no S3 test server (pip install 'moto[server]')");
+        eprintln!("skipped: no S3 test server (moto could not be installed)");
         return None;
     };
     let bucket = format!(
@@ -295,9 +295,52 @@ pub fn s3_bucket() -> Option<S3Bucket> {
     })
 }
 
+/// A Python that has moto: the system's, or else one in a virtual environment under
+/// cargo's target folder, made on first use (so `cargo test` alone sets everything up).
+fn moto_python() -> Option<PathBuf> {
+    use std::os::fd::AsRawFd;
+    let has_moto = |python: &Path| {
+        Command::new(python)
+            .args(["-c", "import moto.server"])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if has_moto(Path::new("python3")) {
+        return Some("python3".into());
+    }
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("moto-venv");
+    let python = venv.join("bin/python3");
+    // Test binaries run at the same time: one installs, the others wait for it.
+    let lock = std::fs::File::create(venv.with_extension("lock")).ok()?;
+    // SAFETY: flock on a descriptor we own; released when `lock` is dropped.
+    unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+    if !has_moto(&python) {
+        eprintln!(
+            "installing moto[server] into {} for the S3 tests",
+            venv.display()
+        );
+        let made = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .is_ok_and(|s| s.success());
+        let installed = made
+            && Command::new(&python)
+                .args(["-m", "pip", "install", "--quiet", "moto[server]"])
+                .status()
+                .is_ok_and(|s| s.success());
+        if !installed {
+            return None;
+        }
+    }
+    has_moto(&python).then_some(python)
+}
+
 /// Start moto's server on a free loopback port. It exits when its stdin closes, that is
 /// when this test process ends, however it ends.
 fn start_moto() -> Option<(String, std::process::ChildStdin)> {
+    let python = moto_python()?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .ok()?
         .local_addr()
@@ -309,7 +352,7 @@ fn start_moto() -> Option<(String, std::process::ChildStdin)> {
          from moto.server import main\n\
          main(['-H', '127.0.0.1', '-p', '{port}'])\n"
     );
-    let mut child = Command::new("python3")
+    let mut child = Command::new(python)
         .args(["-c", &script])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
