@@ -219,7 +219,7 @@ impl Session<'_> {
         match outcome {
             None => {
                 *slot = None;
-                eprintln!("\ncancelled");
+                eprintln!("\ncancelled (run it again to continue a transfer where it stopped)");
                 Ok(())
             }
             Some(Err(e)) if connection_lost(&e) => {
@@ -508,10 +508,10 @@ impl RemoteNames {
         let Some(client) = slot.as_mut() else {
             return Vec::new();
         };
-        let listed = self.runtime.block_on(tokio::time::timeout(
-            COMPLETION_TIMEOUT,
-            client.list_dir(folder),
-        ));
+        // The timer is made inside the runtime, so inside the async block.
+        let listed = self.runtime.block_on(async {
+            tokio::time::timeout(COMPLETION_TIMEOUT, client.list_dir(folder)).await
+        });
         let names: Vec<String> = match listed {
             Ok(Ok(entries)) => entries
                 .into_iter()
