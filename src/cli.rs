@@ -235,10 +235,14 @@ pub(crate) enum Command {
         #[arg(long, value_name = "V")]
         version: Option<String>,
     },
-    /// Interactive prompt over one connection, as the saved login: every command above
-    /// with the same flags, plus lcd/lpwd (the local folder), help and quit. Line editing,
-    /// history (CONFIG/netdisk/shell_history), tab completion of commands and remote names;
-    /// it reconnects with the session after a lost connection; Ctrl-C cancels a transfer
+    /// Interactive prompt: every command above, with line editing, history and completion
+    ///
+    /// One connection, logged in with the saved login (or --user): every command above with
+    /// the same flags, plus lcd [DIR] and lpwd (the local folder for relative local paths),
+    /// help and quit. Line editing, history (CONFIG/netdisk/shell_history), Tab completes
+    /// commands and remote names. A lost connection (server restart, idle timeout) is
+    /// replaced with the same session, said once; Ctrl-C cancels the running command,
+    /// Ctrl-D leaves.
     Shell,
     Admin(netdisk::admin::AdminArgs),
     /// The server certificates this client trusts (pinned on first connection, like ssh's

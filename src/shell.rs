@@ -380,12 +380,19 @@ async fn interrupted() {
 }
 
 /// `lcd [DIR]`: change the process's folder, so every relative local path follows it.
+/// No DIR (or `~` in front of it) is the home folder, as in a shell.
 fn lcd(dir: Option<&String>, remote: &Remote) -> anyhow::Result<()> {
-    let dir = match dir {
-        Some(dir) => PathBuf::from(dir),
-        None => std::env::var_os("HOME")
+    let home = || {
+        std::env::var_os("HOME")
             .map(PathBuf::from)
-            .context("no HOME to go to: give a folder")?,
+            .context("no HOME to go to: give a folder")
+    };
+    let dir = match dir.map(String::as_str) {
+        None | Some("~") => home()?,
+        Some(dir) => match dir.strip_prefix("~/") {
+            Some(rest) => home()?.join(rest),
+            None => PathBuf::from(dir),
+        },
     };
     std::env::set_current_dir(&dir)
         .with_context(|| format!("cannot change to {}", dir.display()))?;

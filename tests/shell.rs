@@ -165,7 +165,8 @@ async fn from_a_pipe_quoting_usage_lcd_and_the_cli_commands_work() {
     write_file(&home.path("in"), "a.txt", b"a");
     write_file(&home.path("in"), "b.txt", b"bb");
 
-    let script = "put\n\
+    let script = "help\n\
+        put\n\
         get\n\
         lcd in\n\
         lpwd\n\
@@ -194,6 +195,13 @@ async fn from_a_pipe_quoting_usage_lcd_and_the_cli_commands_work() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let err = stderr(&out);
 
+    // help lists the CLI's commands and the shell's own.
+    for command in ["ls", "mput", "mget", "logout", "lcd", "lpwd", "quit"] {
+        assert!(
+            stdout.contains(&format!("\n  {command} ")),
+            "{command}: {stdout}"
+        );
+    }
     // put and get without a name print their usage.
     assert!(err.contains("Usage: put <LOCAL_FILE>"), "{err}");
     assert!(err.contains("Usage: get <REMOTE_NAME>"), "{err}");
