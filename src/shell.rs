@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use clap::{CommandFactory, Parser};
 use rustyline::completion::{Completer, Pair};
 use rustyline::error::ReadlineError;
@@ -200,20 +200,30 @@ impl Session<'_> {
                         // Commands are consumed by running them: parse the line again.
                         self.attempt(&mut slot, parse()?).await
                     }
+                    // It may have been done before the connection broke: say so, not
+                    // the transport's words.
+                    Err(e) if connection_lost(&e) => Err(anyhow!(
+                        "the connection to {} broke during {}: check whether it was done (the next command reconnects)",
+                        self.remote.server,
+                        words[0]
+                    )),
                     other => other,
                 }
             }
         }
     }
 
-    /// Run one command on a live connection (made first if needed). Ctrl-C cancels it and
+    /// Run one command on a live connection (made first if needed). Ctrl-C cancels both and
     /// drops the connection, which may be mid-frame; the next command makes a new one.
     async fn attempt(&mut self, slot: &mut Option<Client>, command: Command) -> anyhow::Result<()> {
         let needs_session = !matches!(command, Command::Register { .. } | Command::Login { .. });
-        self.connect(slot, needs_session).await?;
-        let client = slot.as_mut().expect("connected above");
+        let run = async {
+            self.connect(slot, needs_session).await?;
+            let client = slot.as_mut().expect("connected above");
+            self.exec(client, command).await
+        };
         let outcome = tokio::select! {
-            result = self.exec(client, command) => Some(result),
+            result = run => Some(result),
             _ = interrupted() => None,
         };
         match outcome {

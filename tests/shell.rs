@@ -120,9 +120,14 @@ async fn after_a_server_restart_the_next_command_reconnects_and_says_so_once() {
 
     server.kill9();
     let _server = serve(root.path(), &server.addr);
+    // The closed connection is noticed before the command is sent, so even one that is
+    // not run twice (a move) just works.
+    shell.send("mv kept moved\r");
+    shell.expect("moved kept to moved");
+    shell.expect("netdisk bea> ");
     shell.send("ls\r");
     let shown = shell.expect("netdisk bea> ");
-    assert!(shown.contains("kept/"), "{shown}");
+    assert!(shown.contains("moved/"), "{shown}");
     shell.send("whoami\r");
     shell.expect("bea\r\n");
     shell.expect("netdisk bea> ");
@@ -327,4 +332,93 @@ async fn tab_completes_commands_and_remote_names() {
     shell.send("\r");
     shell.expect("netdisk fay> ");
     assert!(!shell.output().contains("error"), "{}", shell.output());
+}
+
+/// A TCP proxy whose connections can be broken at their next request: the client's socket
+/// stays open (nothing tells it), and closes when it sends, as when the server dies while
+/// a request is on its way.
+struct BreakingProxy {
+    addr: String,
+    /// Connections accepted before the latest break end at their next request.
+    breaks: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl BreakingProxy {
+    async fn start(target: String) -> BreakingProxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let breaks = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = breaks.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+                    continue;
+                };
+                let born = counter.load(Ordering::SeqCst);
+                let counter = counter.clone();
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match client_read.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        // Dropping both halves here closes the server's side, whose end
+                        // then closes the client's.
+                        if counter.load(Ordering::SeqCst) != born
+                            || server_write.write_all(&buf[..n]).await.is_err()
+                        {
+                            break;
+                        }
+                    }
+                });
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                    let _ = client_write.shutdown().await;
+                });
+            }
+        });
+        BreakingProxy { addr, breaks }
+    }
+
+    fn break_connections(&self) {
+        self.breaks
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_during_a_command_is_retried_only_when_that_is_safe() {
+    let server = TestServer::start_tls().await;
+    let proxy = BreakingProxy::start(server.addr_string()).await;
+    let home = Home::new(&proxy.addr);
+    home.logged_in("gus").await;
+    home.ok(&["mkdir", "old"]).await;
+    let mut shell = home.shell();
+    shell.expect("netdisk gus> ");
+
+    // A listing can run again: it does, on a new connection.
+    proxy.break_connections();
+    shell.send("ls\r");
+    let shown = shell.expect("netdisk gus> ");
+    assert!(shown.contains("reconnected"), "{shown}");
+    assert!(shown.contains("old/"), "{shown}");
+    assert!(!shown.contains("error"), "{shown}");
+
+    // A move might have happened: it is not run twice; the next command reconnects.
+    proxy.break_connections();
+    shell.send("mv old new\r");
+    let shown = shell.expect("netdisk gus> ");
+    assert!(
+        shown.contains("broke during mv: check whether it was done"),
+        "{shown}"
+    );
+    assert!(!shown.contains("reconnected"), "{shown}");
+    shell.send("ls\r");
+    let shown = shell.expect("netdisk gus> ");
+    assert!(shown.contains("reconnected"), "{shown}");
+    assert!(shown.contains("old/"), "{shown}");
 }
