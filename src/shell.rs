@@ -49,7 +49,10 @@ const SHELL_COMMANDS: [(&str, &str); 5] = [
         "[DIR]  change the local folder used for relative local paths (default: home)",
     ),
     ("lpwd", "print the local folder"),
-    ("help", "this list (COMMAND --help explains one)"),
+    (
+        "help",
+        "[COMMAND]  this list, or what COMMAND does and its flags",
+    ),
     ("quit", "leave the shell (also exit, or Ctrl-D)"),
     ("exit", "leave the shell"),
 ];
@@ -110,10 +113,7 @@ pub(crate) async fn run(remote: &Remote, user: Option<&str>) -> anyhow::Result<(
         let result = match words.first().map(String::as_str) {
             None => Ok(()),
             Some("quit" | "exit") => return Ok(()),
-            Some("help") => {
-                print_help();
-                Ok(())
-            }
+            Some("help") => help(words.get(1), &mut session).await,
             Some("lcd") => lcd(words.get(1), remote),
             Some("lpwd") => std::env::current_dir()
                 .map(|dir| println!("{}", dir.display()))
@@ -429,12 +429,23 @@ fn command_list() -> Vec<(String, String)> {
     shared.chain(own).collect()
 }
 
-fn print_help() {
+/// `help`: the commands; `help COMMAND`: what it does and its flags (`COMMAND --help`).
+async fn help(command: Option<&String>, session: &mut Session<'_>) -> anyhow::Result<()> {
+    if let Some(name) = command {
+        return match SHELL_COMMANDS.iter().find(|(own, _)| own == name) {
+            Some((own, about)) => {
+                println!("{own} {about}");
+                Ok(())
+            }
+            None => session.command(&[name.clone(), "--help".into()]).await,
+        };
+    }
     println!("commands (the same flags as on the command line; quote names with spaces, as in get \"my notes.txt\"):");
     for (name, about) in command_list() {
         println!("  {name:<14} {about}");
     }
     println!("Tab completes commands and names; Ctrl-C cancels a running transfer; Ctrl-D leaves.");
+    Ok(())
 }
 
 /// The line editor on its own thread: it blocks reading, and completion blocks on the

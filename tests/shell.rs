@@ -171,6 +171,7 @@ async fn from_a_pipe_quoting_usage_lcd_and_the_cli_commands_work() {
     write_file(&home.path("in"), "b.txt", b"bb");
 
     let script = "help\n\
+        help mget\n\
         put\n\
         get\n\
         lcd in\n\
@@ -207,6 +208,7 @@ async fn from_a_pipe_quoting_usage_lcd_and_the_cli_commands_work() {
             "{command}: {stdout}"
         );
     }
+    assert!(stdout.contains("Usage: mget"), "{stdout}");
     // put and get without a name print their usage.
     assert!(err.contains("Usage: put <LOCAL_FILE>"), "{err}");
     assert!(err.contains("Usage: get <REMOTE_NAME>"), "{err}");
