@@ -388,7 +388,7 @@ mod exit {
 }
 
 /// Wrap `cause` in a [`Failure`]: `message` is shown, `cause` only with --verbose.
-pub(crate) fn failure(cause: impl Into<anyhow::Error>, exit: u8, message: String) -> anyhow::Error {
+fn failure(cause: impl Into<anyhow::Error>, exit: u8, message: String) -> anyhow::Error {
     cause.into().context(Failure { message, exit })
 }
 
