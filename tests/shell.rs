@@ -338,11 +338,13 @@ async fn tab_completes_commands_and_remote_names() {
 
 /// A TCP proxy whose connections can be broken at their next request: the client's socket
 /// stays open (nothing tells it), and closes when it sends, as when the server dies while
-/// a request is on its way.
+/// a request is on its way. It also tells when no connection is open any more.
 struct BreakingProxy {
     addr: String,
     /// Connections accepted before the latest break end at their next request.
     breaks: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    open: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    closed: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl BreakingProxy {
@@ -351,12 +353,16 @@ impl BreakingProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let breaks = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let counter = breaks.clone();
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let closed = std::sync::Arc::new(tokio::sync::Notify::new());
+        let (counter, opened, ended) = (breaks.clone(), open.clone(), closed.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
                     continue;
                 };
+                opened.fetch_add(1, Ordering::SeqCst);
+                let (opened, ended) = (opened.clone(), ended.clone());
                 let born = counter.load(Ordering::SeqCst);
                 let counter = counter.clone();
                 let (mut client_read, mut client_write) = client.into_split();
@@ -380,10 +386,29 @@ impl BreakingProxy {
                 tokio::spawn(async move {
                     let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
                     let _ = client_write.shutdown().await;
+                    opened.fetch_sub(1, Ordering::SeqCst);
+                    ended.notify_one();
                 });
             }
         });
-        BreakingProxy { addr, breaks }
+        BreakingProxy {
+            addr,
+            breaks,
+            open,
+            closed,
+        }
+    }
+
+    /// Wait (bounded) until every connection made through the proxy has been closed.
+    async fn wait_until_none_open(&self) {
+        let all_closed = async {
+            while self.open.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+                self.closed.notified().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), all_closed)
+            .await
+            .expect("connections still open after 60 s");
     }
 
     fn break_connections(&self) {
@@ -423,4 +448,28 @@ async fn a_connection_lost_during_a_command_is_retried_only_when_that_is_safe() 
     let shown = shell.expect("netdisk gus> ");
     assert!(shown.contains("reconnected"), "{shown}");
     assert!(shown.contains("old/"), "{shown}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_the_server_closed_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let server = TestServer::start_with(dir, root, |c| {
+        c.tls = netdisk::server::TlsSetting::SelfSigned;
+        c.idle_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let proxy = BreakingProxy::start(server.addr_string()).await;
+    let home = Home::new(&proxy.addr);
+    home.logged_in("hal").await;
+    home.ok(&["mkdir", "drafts"]).await;
+    let mut shell = home.shell();
+    shell.expect("netdisk hal> ");
+
+    // The shell's connection stays idle until the server closes it.
+    proxy.wait_until_none_open().await;
+    shell.send("mv drafts final\r");
+    let shown = shell.expect("netdisk hal> ");
+    assert!(shown.contains("moved drafts to final"), "{shown}");
+    assert_eq!(shown.matches("reconnected").count(), 1, "{shown}");
 }
