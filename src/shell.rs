@@ -269,10 +269,13 @@ impl Session<'_> {
         }
         if std::mem::take(&mut self.lost) {
             let server = &self.remote.server;
-            match self.user.as_deref().filter(|_| !expired) {
-                Some(user) => eprintln!("connection lost; reconnected to {server} as {user}"),
-                None => eprintln!("connection lost; reconnected to {server}"),
-            }
+            let as_user = match self.user.as_deref().filter(|_| !expired) {
+                Some(user) => format!(" as {user}"),
+                None => String::new(),
+            };
+            self.remote.ui.say(&format!(
+                "connection lost; reconnected to {server}{as_user}"
+            ));
         }
         *slot = Some(client);
         if expired {
