@@ -69,7 +69,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Command {
+pub(crate) enum Command {
     /// Run the server
     Serve(ServeArgs),
     /// Create an account; the server makes the user's folder
@@ -235,8 +235,14 @@ enum Command {
         #[arg(long, value_name = "V")]
         version: Option<String>,
     },
-    /// Interactive prompt over one connection: register, login and the file commands
-    /// above (ls, put, get, mkdir, rm, mv, ...), help, quit
+    /// Interactive prompt: every command above, with line editing, history and completion
+    ///
+    /// One connection, logged in with the saved login (or --user): every command above with
+    /// the same flags, plus lcd [DIR] and lpwd (the local folder for relative local paths),
+    /// help and quit. Line editing, history (CONFIG/netdisk/shell_history), Tab completes
+    /// commands and remote names. A lost connection (server restart, idle timeout) is
+    /// replaced with the same session, said once; Ctrl-C cancels the running command,
+    /// Ctrl-D leaves.
     Shell,
     Admin(netdisk::admin::AdminArgs),
     /// The server certificates this client trusts (pinned on first connection, like ssh's
@@ -246,7 +252,7 @@ enum Command {
 }
 
 #[derive(Subcommand)]
-enum KnownServersCommand {
+pub(crate) enum KnownServersCommand {
     /// Print the pinned servers and their certificate fingerprints
     List,
     /// Forget the certificate pinned for a server (like `ssh-keygen -R`), so that the next
@@ -277,27 +283,14 @@ fn with_default_port(addr: &str) -> String {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum SortKey {
+pub(crate) enum SortKey {
     Name,
     Size,
     Time,
 }
 
-/// One line of `netdisk shell`, parsed like the command line.
-#[derive(Parser)]
-#[command(
-    name = "netdisk",
-    no_binary_name = true,
-    disable_version_flag = true,
-    disable_help_subcommand = true
-)]
-struct ShellLine {
-    #[command(subcommand)]
-    command: Command,
-}
-
 #[derive(Args)]
-struct ServeArgs {
+pub(crate) struct ServeArgs {
     /// Address to listen on
     #[arg(long, env = "NETDISK_LISTEN", default_value = DEFAULT_SERVER)]
     listen: String,
@@ -413,7 +406,7 @@ fn failure(cause: impl Into<anyhow::Error>, exit: u8, message: String) -> anyhow
 }
 
 /// The line to print and the exit code of an error.
-fn explain(e: &anyhow::Error) -> (String, u8) {
+pub(crate) fn explain(e: &anyhow::Error) -> (String, u8) {
     if let Some(f) = e.downcast_ref::<Failure>() {
         return (clean(&f.message), f.exit);
     }
@@ -463,7 +456,7 @@ fn is_network_io(e: &std::io::Error) -> bool {
 }
 
 /// Whether an error means the connection broke (not a refusal or a local problem).
-fn is_connection_lost(e: &netdisk::Error) -> bool {
+pub(crate) fn is_connection_lost(e: &netdisk::Error) -> bool {
     match e {
         netdisk::Error::ConnectionClosed => true,
         netdisk::Error::Io(io) => is_network_io(io),
@@ -598,7 +591,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
             ui.say(&format!("logged out {}", saved.user));
             Ok(())
         }
-        Command::Shell => shell(&remote).await,
+        Command::Shell => crate::shell::run(&remote, cli.user.as_deref()).await,
         command => {
             let mut client = remote.authenticated(cli.user.as_deref()).await?;
             let ctx = Ctx {
@@ -611,13 +604,13 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
 }
 
 /// What the file commands need besides their connection.
-struct Ctx {
-    server: String,
-    ui: Ui,
+pub(crate) struct Ctx {
+    pub(crate) server: String,
+    pub(crate) ui: Ui,
 }
 
 /// Run one file command on a logged-in connection (from the command line or the shell).
-async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> anyhow::Result<()> {
+pub(crate) async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> anyhow::Result<()> {
     let ui = ctx.ui;
     match command {
         Command::Serve(_)
@@ -1100,14 +1093,14 @@ impl Write for LossyStderr {
 }
 
 /// The server this command talks to, and how.
-struct Remote {
-    server: String,
+pub(crate) struct Remote {
+    pub(crate) server: String,
     options: ConnectOptions,
-    ui: Ui,
+    pub(crate) ui: Ui,
 }
 
 impl Remote {
-    async fn connect(&self) -> anyhow::Result<Client> {
+    pub(crate) async fn connect(&self) -> anyhow::Result<Client> {
         let client = Client::connect_with(&self.server, &self.options)
             .await
             .map_err(|e| {
@@ -1160,7 +1153,7 @@ impl Remote {
 }
 
 /// `netdisk known-servers list|forget ADDR`.
-fn known_servers(action: KnownServersCommand, ui: Ui) -> anyhow::Result<()> {
+pub(crate) fn known_servers(action: KnownServersCommand, ui: Ui) -> anyhow::Result<()> {
     let path = config::config_dir()?.join("known_servers");
     match action {
         KnownServersCommand::List => {
@@ -1392,7 +1385,7 @@ fn print_listing(entries: &[FileEntry], human: bool) {
 }
 
 /// The password: NETDISK_PASSWORD if set, else asked without echo.
-fn password(user: &str) -> anyhow::Result<String> {
+pub(crate) fn password(user: &str) -> anyhow::Result<String> {
     if let Ok(password) = std::env::var("NETDISK_PASSWORD") {
         return Ok(password);
     }
@@ -1424,7 +1417,7 @@ fn check_new_password(password: &str) -> anyhow::Result<()> {
 }
 
 /// A new password, typed twice on a terminal.
-fn new_password(user: &str) -> anyhow::Result<String> {
+pub(crate) fn new_password(user: &str) -> anyhow::Result<String> {
     let password = password(user)?;
     check_new_password(&password)?;
     if std::env::var_os("NETDISK_PASSWORD").is_none() {
@@ -1450,12 +1443,12 @@ fn ask(question: &str) -> anyhow::Result<Option<String>> {
 
 /// Where messages and progress go: stderr, and nothing but errors with --quiet.
 #[derive(Clone, Copy)]
-struct Ui {
+pub(crate) struct Ui {
     quiet: bool,
 }
 
 impl Ui {
-    fn say(&self, message: &str) {
+    pub(crate) fn say(&self, message: &str) {
         if !self.quiet {
             eprintln!("{message}");
         }
@@ -1548,154 +1541,9 @@ impl Progress for Bar {
     }
 }
 
-/// The interactive prompt of the tutorials: one connection, one command per line, each
-/// parsed like the command line (quotes and backslashes as in a shell).
-async fn shell(remote: &Remote) -> anyhow::Result<()> {
-    let (server, ui) = (remote.server.as_str(), remote.ui);
-    let mut client = remote.connect().await?;
-    let mut user: Option<String> = None;
-    let ctx = Ctx {
-        server: server.to_string(),
-        ui,
-    };
-    eprintln!("connected to {server}; type help for the commands");
-    let stdin = std::io::stdin();
-    loop {
-        eprint!(
-            "netdisk{}> ",
-            user.as_deref().map(|u| format!(" {u}")).unwrap_or_default()
-        );
-        std::io::stderr().flush()?;
-        let mut line = String::new();
-        if stdin.lock().read_line(&mut line)? == 0 {
-            return Ok(());
-        }
-        let words = match split_words(&line) {
-            Ok(words) => words,
-            Err(e) => {
-                eprintln!("error: {e}");
-                continue;
-            }
-        };
-        let result: anyhow::Result<()> = match words.first().map(String::as_str) {
-            None => Ok(()),
-            Some("help") => {
-                eprintln!(
-                    "commands: register USER | login USER | ls [PATH] | put [-r] LOCAL [REMOTE] | get [-r] REMOTE [LOCAL] | mput | mget | mkdir [-p] PATH | rmdir PATH | rm [-r] PATH... | mv [-f] SRC DST | passwd | whoami | usage | versions PATH | restore PATH | help | quit\n(COMMAND --help explains one; quote names with spaces)"
-                );
-                Ok(())
-            }
-            Some("quit") | Some("exit") => return Ok(()),
-            Some(_) => match ShellLine::try_parse_from(&words) {
-                Err(e) if e.kind() == clap::error::ErrorKind::InvalidSubcommand => {
-                    Err(anyhow!("unknown command; type help"))
-                }
-                Err(e) => {
-                    eprint!("{}", e.render());
-                    Ok(())
-                }
-                Ok(ShellLine { command }) => match command {
-                    Command::Register { user: name } => {
-                        async {
-                            netdisk::names::check_user_name(&name)?;
-                            let password = new_password(&name)?;
-                            client
-                                .register(&name, &password, scram::DEFAULT_ITERATIONS)
-                                .await?;
-                            eprintln!("registered {name}");
-                            Ok(())
-                        }
-                        .await
-                    }
-                    Command::Login { user: name } => {
-                        async {
-                            let password = password(&name)?;
-                            client.login(&name, &password).await?;
-                            eprintln!("logged in as {name}");
-                            user = Some(name);
-                            Ok(())
-                        }
-                        .await
-                    }
-                    Command::Serve(_)
-                    | Command::Admin(_)
-                    | Command::Logout
-                    | Command::Shell
-                    | Command::KnownServers(_) => Err(anyhow!("not available in the shell")),
-                    command => exec(command, &mut client, &ctx).await,
-                },
-            },
-        };
-        if let Err(e) = result {
-            eprintln!("error: {e:#}");
-        }
-    }
-}
-
-/// Split a shell line into words: whitespace separates, '...' and "..." quote, a
-/// backslash escapes the next character (outside single quotes).
-fn split_words(line: &str) -> anyhow::Result<Vec<String>> {
-    let mut words = Vec::new();
-    let mut word: Option<String> = None;
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            c if c.is_whitespace() => {
-                if let Some(w) = word.take() {
-                    words.push(w);
-                }
-            }
-            '\'' => {
-                let w = word.get_or_insert_with(String::new);
-                loop {
-                    match chars.next() {
-                        Some('\'') => break,
-                        Some(c) => w.push(c),
-                        None => bail!("unterminated ' quote"),
-                    }
-                }
-            }
-            '"' => {
-                let w = word.get_or_insert_with(String::new);
-                loop {
-                    match chars.next() {
-                        Some('"') => break,
-                        Some('\\') => match chars.next() {
-                            Some(c) => w.push(c),
-                            None => bail!("unterminated \" quote"),
-                        },
-                        Some(c) => w.push(c),
-                        None => bail!("unterminated \" quote"),
-                    }
-                }
-            }
-            '\\' => match chars.next() {
-                Some(c) => word.get_or_insert_with(String::new).push(c),
-                None => bail!("a backslash at the end of the line"),
-            },
-            c => word.get_or_insert_with(String::new).push(c),
-        }
-    }
-    if let Some(w) = word {
-        words.push(w);
-    }
-    Ok(words)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn shell_words_split_like_a_shell() {
-        assert_eq!(
-            split_words("put 'my file.txt' \"a b/c\" d\\ e\n").unwrap(),
-            ["put", "my file.txt", "a b/c", "d e"]
-        );
-        assert_eq!(split_words("  ").unwrap(), Vec::<String>::new());
-        assert_eq!(split_words("rm ''").unwrap(), ["rm", ""]);
-        assert!(split_words("get 'open").is_err());
-    }
 
     #[test]
     fn servers_without_a_port_get_9000() {
@@ -1718,7 +1566,6 @@ mod tests {
     fn clap_definitions_are_valid() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
-        ShellLine::command().debug_assert();
     }
 
     #[test]

@@ -1288,6 +1288,15 @@ impl Client {
         Ok(digest)
     }
 
+    /// Whether the server has closed this idle connection (a restart, its idle timeout),
+    /// checked without waiting, so a caller can reconnect before sending a request into it.
+    /// Between requests the server sends nothing: anything readable is its end.
+    pub async fn peer_closed(&mut self) -> bool {
+        tokio::time::timeout(std::time::Duration::ZERO, self.conn.wait_readable())
+            .await
+            .is_ok()
+    }
+
     /// Say goodbye and close the connection.
     pub async fn quit(mut self) -> Result<()> {
         let _: Done = self.conn.call(&Request::Quit).await?;

@@ -386,4 +386,154 @@ fn http_request(addr: &str, method: &str, path: &str) -> String {
     let mut response = String::new();
     let _ = stream.read_to_string(&mut response);
     response.lines().next().unwrap_or_default().to_string()
+/// A program on a pseudo-terminal, as a person runs it: type into it and wait (bounded)
+/// for what it prints. It gets its own session with the terminal as the controlling one,
+/// so Ctrl-C (`\x03`) sends it SIGINT as at a real terminal.
+pub struct Terminal {
+    master: std::fs::File,
+    child: std::process::Child,
+    output: std::sync::Arc<(std::sync::Mutex<TerminalOutput>, std::sync::Condvar)>,
+    /// How much of the output [`Terminal::expect`] has gone past.
+    seen: usize,
+}
+
+#[derive(Default)]
+struct TerminalOutput {
+    bytes: Vec<u8>,
+    closed: bool,
+}
+
+/// The longest a test waits for a program on a terminal to print something.
+const TERMINAL_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl Terminal {
+    pub fn spawn(mut cmd: Command) -> Terminal {
+        use std::io::Read;
+        use std::os::fd::{FromRawFd, OwnedFd};
+        use std::os::unix::process::CommandExt;
+        let (mut master, mut slave) = (-1, -1);
+        let size = libc::winsize {
+            ws_row: 50,
+            ws_col: 200,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        let opened = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                &size,
+            )
+        };
+        assert_eq!(opened, 0, "openpty: {}", std::io::Error::last_os_error());
+        let master = unsafe { std::fs::File::from_raw_fd(master) };
+        let slave = unsafe { OwnedFd::from_raw_fd(slave) };
+        cmd.stdin(slave.try_clone().unwrap())
+            .stdout(slave.try_clone().unwrap())
+            .stderr(slave)
+            .env("TERM", "xterm");
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
+        // Our copies of the terminal's far end go, so reading ends when the program does.
+        drop(cmd);
+        let output = std::sync::Arc::new((
+            std::sync::Mutex::new(TerminalOutput::default()),
+            std::sync::Condvar::new(),
+        ));
+        let sink = output.clone();
+        let mut reader = master.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = reader.read(&mut buf).unwrap_or(0);
+                let mut out = sink.0.lock().unwrap();
+                if n == 0 {
+                    out.closed = true;
+                } else {
+                    out.bytes.extend_from_slice(&buf[..n]);
+                }
+                sink.1.notify_all();
+                if n == 0 {
+                    break;
+                }
+            }
+        });
+        Terminal {
+            master,
+            child,
+            output,
+            seen: 0,
+        }
+    }
+
+    /// Type `keys` (`\r` is Enter, `\t` Tab, `\x03` Ctrl-C, `\x04` Ctrl-D).
+    pub fn send(&mut self, keys: &str) {
+        use std::io::Write;
+        self.master.write_all(keys.as_bytes()).unwrap();
+        self.master.flush().unwrap();
+    }
+
+    /// Wait until `text` appears after what earlier calls went past; returns the output up
+    /// to it (and goes past it). Panics with everything printed if it does not appear.
+    pub fn expect(&mut self, text: &str) -> String {
+        let deadline = std::time::Instant::now() + TERMINAL_WAIT;
+        let (lock, ready) = &*self.output;
+        let mut out = lock.lock().unwrap();
+        loop {
+            let fresh = String::from_utf8_lossy(&out.bytes[self.seen..]).into_owned();
+            if let Some(at) = fresh.find(text) {
+                let upto = &fresh[..at + text.len()];
+                self.seen += upto.len().min(out.bytes.len() - self.seen);
+                return upto.to_string();
+            }
+            let now = std::time::Instant::now();
+            if out.closed || now >= deadline {
+                panic!(
+                    "{text:?} did not appear; the terminal showed:\n{}",
+                    String::from_utf8_lossy(&out.bytes)
+                );
+            }
+            out = ready.wait_timeout(out, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Everything printed so far.
+    pub fn output(&self) -> String {
+        String::from_utf8_lossy(&self.output.0.lock().unwrap().bytes).into_owned()
+    }
+
+    /// Wait (bounded) for the program to end; its exit status.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + TERMINAL_WAIT;
+        loop {
+            // Ended, and all it printed has been read.
+            if let Some(status) = self.child.try_wait().unwrap() {
+                if self.output.0.lock().unwrap().closed {
+                    return status;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still running; the terminal showed:\n{}",
+                self.output()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
