@@ -1651,6 +1651,15 @@ impl Progress for Bar {
         }
     }
 
+    fn skip(&mut self, bytes: u64) {
+        self.position += bytes;
+        if let Some(bar) = &self.bar {
+            bar.inc(bytes);
+            // The rate and time left count only what moves.
+            bar.reset_eta();
+        }
+    }
+
     fn finish(&mut self) {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();

@@ -29,6 +29,11 @@ pub trait Progress: Send {
     /// The transfer of `total` bytes starts, `from` of them already in place.
     fn start(&mut self, _total: u64, _from: u64) {}
     fn advance(&mut self, _bytes: u64) {}
+    /// Bytes that need not move (already in place, unchanged): counted as done, but not
+    /// in the transfer rate.
+    fn skip(&mut self, bytes: u64) {
+        self.advance(bytes);
+    }
     fn finish(&mut self) {}
     /// Something the user should know (a resume, a restart and why).
     fn notice(&mut self, _message: &str) {}
@@ -44,10 +49,13 @@ struct Overall<'a>(&'a mut dyn Progress);
 
 impl Progress for Overall<'_> {
     fn start(&mut self, _total: u64, from: u64) {
-        self.0.advance(from);
+        self.0.skip(from);
     }
     fn advance(&mut self, bytes: u64) {
         self.0.advance(bytes);
+    }
+    fn skip(&mut self, bytes: u64) {
+        self.0.skip(bytes);
     }
     fn notice(&mut self, message: &str) {
         self.0.notice(message);
@@ -1065,7 +1073,7 @@ impl Client {
         for ((remote, local, entry), digest) in compare.into_iter().zip(digests) {
             if digest.is_some() && digest == entry.digest {
                 report.unchanged += 1;
-                progress.advance(entry.size);
+                progress.skip(entry.size);
                 progress.file_done();
             } else if overwrite {
                 fetch.push((remote, local));
@@ -1312,7 +1320,7 @@ impl Client {
                 }
                 _ if same => {
                     report.unchanged += 1;
-                    progress.advance(size);
+                    progress.skip(size);
                     progress.file_done();
                 }
                 digest => to_send.push((local, remote, digest.and_then(Result::ok))),
@@ -1428,7 +1436,7 @@ impl Client {
             let remote = join_remote(&remote_dir, &rel);
             let path = local_dir.join(&rel);
             if under(&blocked, &rel) {
-                progress.advance(size);
+                progress.skip(size);
                 progress.file_done();
                 continue;
             }
@@ -1447,7 +1455,7 @@ impl Client {
                     );
                     progress.notice(&why);
                     report.skipped.push(why);
-                    progress.advance(size);
+                    progress.skip(size);
                     progress.file_done();
                 }
                 Ok(meta) if meta.len() == size => compare.push((remote, path, size)),
@@ -1485,7 +1493,7 @@ impl Client {
             };
             if same {
                 report.unchanged += 1;
-                progress.advance(size);
+                progress.skip(size);
                 progress.file_done();
             } else {
                 fetch.push((remote, path));
