@@ -1234,6 +1234,12 @@ async fn mput_refuses_two_files_with_one_name_before_sending_anything() {
     let listing: serde_json::Value =
         serde_json::from_str(&env.ok(&["ls", "--json"]).await).unwrap();
     assert_eq!(listing, serde_json::json!([]), "nothing was sent");
+    // The same for mget: two remote files that would land on one local name.
+    let out = run(env.cmd(&["mget", "a/same.txt", "b/same.txt"])).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("a/same.txt and b/same.txt"), "{err}");
+    assert!(!env.path("same.txt").exists() && !env.path("same.txt.part").exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
