@@ -338,7 +338,8 @@ struct ServeArgs {
     #[arg(long, default_value_t = 24.0)]
     partial_expiry_hours: f64,
     /// On Ctrl-C or SIGTERM: stop accepting, close idle connections, give running
-    /// transfers this long to finish, then cut the rest and exit
+    /// transfers this long to finish, then cut the rest and exit (a second Ctrl-C or
+    /// SIGTERM exits at once, with code 1)
     #[arg(long, default_value_t = 30.0, value_name = "SECS")]
     shutdown_grace: f64,
     /// TLS certificate chain (PEM) to use instead of the self-signed one in ROOT/tls/
@@ -1195,11 +1196,20 @@ async fn serve(args: ServeArgs, no_tls: bool, secret: Option<Vec<u8>>) -> anyhow
     let mut terminate = signal(SignalKind::terminate())?;
     let server = Server::bind(config).await?;
     server
-        .run(async {
+        .run(async move {
             tokio::select! {
                 _ = interrupt.recv() => {}
                 _ = terminate.recv() => {}
             }
+            // A second signal stops at once; cut uploads resume later, as after a crash.
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = interrupt.recv() => {}
+                    _ = terminate.recv() => {}
+                }
+                tracing::warn!("second signal: stopping now, without waiting for transfers");
+                std::process::exit(1);
+            });
         })
         .await?;
     Ok(())

@@ -270,6 +270,44 @@ async fn sigterm_cuts_a_stalled_transfer_after_the_grace_and_says_so() {
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_stops_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    // A grace far longer than the wait for the exit: only the second signal ends it.
+    let mut server = ServerProcess::spawn(&root, &["--shutdown-grace", "3600"]);
+    let config = user_on(&server, "uli").await;
+    let work = tempfile::tempdir().unwrap();
+    write_file(work.path(), "big.bin", &random_bytes(8_000_000, 74));
+    let proxy = GateProxy::start(server.addr.clone(), 3_000_000, false).await;
+    let upload = cli(
+        &proxy.addr,
+        config.path(),
+        work.path(),
+        "uli",
+        &["put", "big.bin"],
+    )
+    .spawn()
+    .unwrap();
+    proxy.reached.notified().await;
+
+    signal(server.pid(), libc::SIGTERM);
+    wait_until("the shutdown log line", || {
+        log_of(&server).contains("shutting down")
+    })
+    .await;
+    signal(server.pid(), libc::SIGTERM);
+    let status = wait_exit(&mut server.child).await;
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    assert!(
+        log_of(&server).contains("second signal"),
+        "{}",
+        log_of(&server)
+    );
+    proxy.cut.notify_one();
+    finish(upload).await;
+}
+
 /// The server's log lines at ERROR level.
 fn errors_in(log: &str) -> Vec<&str> {
     log.lines().filter(|l| l.contains(" ERROR ")).collect()
