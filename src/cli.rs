@@ -822,8 +822,16 @@ async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> anyhow::Resul
                 .await
                 .map_err(|e| match e.code() {
                     Some(ErrorCode::BadName) if !named_by_user => {
+                        let text = e.to_string();
+                        let windows = text.contains("reserved device name")
+                            || text.contains("ends with a dot or a space");
+                        let why = if windows {
+                            "names Windows cannot store (such as aux.txt or notes.) are refused, so "
+                        } else {
+                            ""
+                        };
                         let message = format!(
-                            "{e}; the server refuses names that Windows cannot store (such as aux.txt or notes.), so give the file another remote name: netdisk put {} NEW-NAME",
+                            "{text}; {why}give the file another remote name: netdisk put {} NEW-NAME",
                             local_file.display()
                         );
                         failure(e, exit::REFUSED, message)

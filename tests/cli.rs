@@ -1381,6 +1381,12 @@ async fn a_windows_reserved_name_says_so_and_how_to_rename() {
         err.contains("Windows") && err.contains("netdisk put aux.txt NEW-NAME"),
         "{err}"
     );
+    write_file(env.work.path(), "notes.", b"n");
+    let err = env.fails(&["put", "notes."]).await;
+    assert!(
+        err.contains("Windows") && err.contains("netdisk put notes. NEW-NAME"),
+        "{err}"
+    );
     env.ok(&["put", "aux.txt", "my-aux.txt"]).await;
     assert_eq!(
         std::fs::read(env.server.user_file("win", "my-aux.txt")).unwrap(),
