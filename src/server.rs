@@ -271,6 +271,7 @@ impl Server {
             ..
         } = self;
         drop(listener);
+        while connections.try_join_next().is_some() {}
         info!(
             connections = connections.len(),
             grace_secs = grace.as_secs_f64(),
