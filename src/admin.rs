@@ -35,13 +35,25 @@ enum AdminCommand {
         json: bool,
     },
     /// Refuse the user's logins and end their sessions
-    Disable { user: String },
+    Disable {
+        /// User name, as in `netdisk admin users`
+        user: String,
+    },
     /// Allow the user to log in again (ended sessions stay ended)
-    Enable { user: String },
+    Enable {
+        /// User name, as in `netdisk admin users`
+        user: String,
+    },
     /// Remove the user; their files are moved to ROOT/deleted/USER-TIMESTAMP/
-    Delete { user: String },
+    Delete {
+        /// User name, as in `netdisk admin users`
+        user: String,
+    },
     /// Give the user a random one-time password (printed once) and end their sessions
-    ResetPassword { user: String },
+    ResetPassword {
+        /// User name, as in `netdisk admin users`
+        user: String,
+    },
 }
 
 pub fn run(args: AdminArgs) -> anyhow::Result<()> {

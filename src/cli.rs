@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context};
 use bytesize::ByteSize;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use netdisk::client::{join_remote, partial_path, Client, ConnectOptions, Progress, TreeReport};
@@ -79,9 +79,10 @@ pub(crate) enum Command {
     },
     /// Log in and save a session token (never the password) for later commands
     Login {
+        /// User name to log in as
         user: String,
     },
-    /// End the saved session (on the server too)
+    /// End the saved session (on the server too); with --user, only if it is that user's
     Logout,
     /// List a remote folder: size, modified time, name (folders end with '/')
     #[command(disable_help_flag = true)]
@@ -108,9 +109,12 @@ pub(crate) enum Command {
         #[arg(long, action = clap::ArgAction::Help)]
         help: Option<bool>,
     },
-    /// Upload a file (overwrites it; resumes an interrupted upload), or with -r a folder
+    /// Upload a file (overwrites it; resumes an interrupted upload), or with -r a folder.
+    /// `put - REMOTE` uploads standard input: it is first copied to a temporary file in
+    /// the temporary folder ($TMPDIR), then uploaded and verified like a file, and the
+    /// copy deleted
     Put {
-        /// Local file (with -r: local folder)
+        /// Local file (with -r: local folder; `-`: standard input, which needs REMOTE)
         local_file: PathBuf,
         /// Remote path, e.g. docs/a.txt (default: the local name in your root folder).
         /// Ending in '/', or an existing remote folder, means the local name inside it.
@@ -126,13 +130,17 @@ pub(crate) enum Command {
         #[arg(short, long)]
         recursive: bool,
     },
-    /// Download a file, with resume if the local file exists, or with -r a folder
+    /// Download a file, with resume if the local file exists, or with -r a folder.
+    /// `get REMOTE -` writes the file to standard output as it arrives (notes and progress
+    /// go to standard error) and checks its checksum at the end: on a mismatch it exits
+    /// with code 6 after the bytes were written
     Get {
         /// Remote path, e.g. docs/a.txt (with -r: a remote folder)
         remote_name: String,
         /// Where to save it (default: the remote file's name in the current folder; a
-        /// folder means that name inside it). With -r: the local folder to fill (default:
-        /// the remote folder's name; ending in '/' means that name inside it)
+        /// folder means that name inside it; `-`: standard output). With -r: the local
+        /// folder to fill (default: the remote folder's name; ending in '/' means that
+        /// name inside it)
         local_path: Option<PathBuf>,
         /// If the local file exists, continue it without asking
         #[arg(long, conflicts_with = "restart")]
@@ -147,16 +155,22 @@ pub(crate) enum Command {
         recursive: bool,
     },
     /// Upload several files over one connection, pipelined (like ftp's mput); each keeps
-    /// its local file name and replaces a remote file of that name
+    /// its local file name and replaces a remote file of that name. Resumable: run it
+    /// again after an interruption and files the server already has (same size and
+    /// checksum) are skipped as unchanged, and a large file's partial upload continues.
+    /// Two files with the same name are refused before anything is sent
     Mput {
-        /// Local files
+        /// Local files (each uploaded under its file name)
         #[arg(required = true)]
         files: Vec<PathBuf>,
         /// Remote folder to put them in (default: your root folder)
         #[arg(long, value_name = "REMOTE_DIR")]
         to: Option<String>,
     },
-    /// Download several files over one connection, pipelined (like ftp's mget)
+    /// Download several files over one connection, pipelined (like ftp's mget).
+    /// Resumable: run it again after an interruption and each NAME.part is continued;
+    /// local files identical to the server's (same size and checksum) are kept as
+    /// unchanged
     Mget {
         /// Remote paths; each is saved under its file name
         #[arg(required = true)]
@@ -164,7 +178,8 @@ pub(crate) enum Command {
         /// Folder to save them in
         #[arg(long, short = 'C', default_value = ".")]
         dir: PathBuf,
-        /// Replace local files that exist (otherwise they are skipped with an error)
+        /// Replace local files that differ from the server's (otherwise they are left
+        /// alone and reported as failures)
         #[arg(long)]
         overwrite: bool,
     },
@@ -315,6 +330,11 @@ pub(crate) struct ServeArgs {
     /// Delete unfinished uploads idle for this many hours
     #[arg(long, default_value_t = 24.0)]
     partial_expiry_hours: f64,
+    /// On Ctrl-C or SIGTERM: stop accepting, close idle connections, give running
+    /// transfers this long to finish, then cut the rest and exit (a second Ctrl-C or
+    /// SIGTERM exits at once, with code 1)
+    #[arg(long, default_value_t = 30.0, value_name = "SECS")]
+    shutdown_grace: f64,
     /// TLS certificate chain (PEM) to use instead of the self-signed one in ROOT/tls/
     #[arg(
         long,
@@ -350,7 +370,10 @@ pub(crate) struct ServeArgs {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::from_arg_matches(&cli_command().get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let verbose = cli.verbose;
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -374,6 +397,34 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The command-line definition as `main` parses it: `serve --help` and `admin --help`
+/// show only their own options.
+fn cli_command() -> clap::Command {
+    let mut command = Cli::command();
+    for name in ["serve", "admin"] {
+        command = command.mut_subcommand(name, without_client_options);
+    }
+    command
+}
+
+/// Hidden stand-ins for the global options only clients use: clap does not copy a global
+/// option into a subcommand that has one of the same name, so these keep them out of its
+/// help (still accepted there, and ignored, so `netdisk --server X ...` scripts work).
+fn without_client_options(command: clap::Command) -> clap::Command {
+    use clap::{Arg, ArgAction};
+    command
+        .arg(Arg::new("server").long("server").hide(true))
+        .arg(Arg::new("user").long("user").hide(true))
+        .arg(Arg::new("ca").long("ca").hide(true))
+        .arg(
+            Arg::new("quiet")
+                .long("quiet")
+                .short('q')
+                .action(ArgAction::SetTrue)
+                .hide(true),
+        )
+}
+
 /// An error as the user should read it: what happened and what to do, one line, and the
 /// class of failure (the exit code). The full chain goes to `--verbose`.
 #[derive(Debug)]
@@ -393,6 +444,7 @@ impl std::error::Error for Failure {}
 /// Exit codes: one per main class of failure (documented in --help and README).
 mod exit {
     pub const GENERAL: u8 = 1;
+    pub const USAGE: u8 = 2;
     pub const AUTH: u8 = 3;
     pub const NOT_FOUND: u8 = 4;
     pub const NETWORK: u8 = 5;
@@ -531,6 +583,24 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
             known_servers: config::config_dir()?.join("known_servers"),
         }),
     };
+    // `put - NAME`: standard input is read whole before connecting (an upload needs its
+    // size and checksum first, and the connection would sit idle meanwhile).
+    let _spooled = match &mut cli.command {
+        Command::Put {
+            local_file,
+            remote_name,
+            recursive,
+            ..
+        } if local_file.as_os_str() == "-" => match remote_name {
+            Some(name) if !*recursive && !name.ends_with('/') => {
+                let spooled = spool_stdin()?;
+                *local_file = spooled.path.clone();
+                Some(spooled)
+            }
+            _ => return Err(put_stdin_usage()),
+        },
+        _ => None,
+    };
     let remote = Remote {
         server: cli.server.clone(),
         options: ConnectOptions { tls, secret },
@@ -569,6 +639,19 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Logout => {
+            // `--user X logout` ends X's saved login only, never another user's.
+            if let (Some(user), Some(saved)) = (&cli.user, config::load_login(&cli.server)?) {
+                if saved.user != *user {
+                    return Err(failure(
+                        anyhow!("the saved login is {}'s", saved.user),
+                        exit::AUTH,
+                        format!(
+                            "not logged in to {} as {user} (the saved login is {}'s; it is kept)",
+                            cli.server, saved.user
+                        ),
+                    ));
+                }
+            }
             let Some(saved) = config::forget_login(&cli.server)? else {
                 return Err(failure(
                     anyhow!("no saved login"),
@@ -601,6 +684,48 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
             exec(command, &mut client, &ctx).await
         }
     }
+}
+
+/// `put -` without a remote file name (or in the shell, whose input is the commands).
+fn put_stdin_usage() -> anyhow::Error {
+    failure(
+        anyhow!("put - without a remote file name"),
+        exit::USAGE,
+        "put - uploads standard input and needs a remote file name (not a folder, not -r, not in the shell): netdisk put - NAME".to_string(),
+    )
+}
+
+/// Standard input copied to a private temporary file, deleted when dropped.
+struct SpooledStdin {
+    path: PathBuf,
+}
+
+impl Drop for SpooledStdin {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Copy standard input to a new file (mode 0600) in the temporary folder ($TMPDIR).
+fn spool_stdin() -> anyhow::Result<SpooledStdin> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut random = [0u8; 8];
+    getrandom::fill(&mut random).map_err(|e| anyhow!("no randomness: {e}"))?;
+    let path = std::env::temp_dir().join(format!("netdisk-stdin-{}.tmp", hex::encode(random)));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot make a temporary file {}", path.display()))?;
+    let spooled = SpooledStdin { path };
+    std::io::copy(&mut std::io::stdin().lock(), &mut file).with_context(|| {
+        format!(
+            "cannot copy standard input to {} (is the temporary folder full? set TMPDIR)",
+            spooled.path.display()
+        )
+    })?;
+    Ok(spooled)
 }
 
 /// What the file commands need besides their connection.
@@ -668,6 +793,9 @@ pub(crate) async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> an
             restart,
             recursive,
         } => {
+            if local_file.as_os_str() == "-" {
+                return Err(put_stdin_usage());
+            }
             let base = local_base_name(&local_file)?;
             if recursive {
                 let remote = match remote_name {
@@ -682,8 +810,9 @@ pub(crate) async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> an
                     .put_tree(&local_file, &remote, &mut bar)
                     .await
                     .map_err(|e| transfer_error(e, &ctx.server, &bar))?;
-                return report_tree("uploaded", &remote, &report, ui);
+                return report_batch("uploaded", Some(&remote), &report, ui);
             }
+            let named_by_user = remote_name.is_some();
             let name = match remote_name {
                 None => base,
                 Some(dir) if dir.ends_with('/') => join_remote(dir.trim_end_matches('/'), &base),
@@ -697,7 +826,24 @@ pub(crate) async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> an
             let outcome = client
                 .put(&local_file, &name, restart, &mut bar)
                 .await
-                .map_err(|e| transfer_error(e, &ctx.server, &bar))?;
+                .map_err(|e| match e.code() {
+                    Some(ErrorCode::BadName) if !named_by_user => {
+                        let text = e.to_string();
+                        let windows = text.contains("reserved device name")
+                            || text.contains("ends with a dot or a space");
+                        let why = if windows {
+                            "names Windows cannot store (such as aux.txt or notes.) are refused, so "
+                        } else {
+                            ""
+                        };
+                        let message = format!(
+                            "{text}; {why}give the file another remote name: netdisk put {} NEW-NAME",
+                            local_file.display()
+                        );
+                        failure(e, exit::REFUSED, message)
+                    }
+                    _ => transfer_error(e, &ctx.server, &bar),
+                })?;
             ui.say(&format!(
                 "uploaded {name} ({} bytes, verified)",
                 outcome.size
@@ -711,6 +857,18 @@ pub(crate) async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> an
             restart,
             recursive,
         } => {
+            if local_path.as_deref() == Some(Path::new("-")) && !recursive {
+                let mut bar = ui.progress();
+                let outcome = client
+                    .get_to_writer(&remote_name, Box::new(std::io::stdout()), &mut bar)
+                    .await
+                    .map_err(|e| transfer_error(e, &ctx.server, &bar))?;
+                ui.say(&format!(
+                    "downloaded {remote_name} to standard output ({}, verified)",
+                    ByteSize(outcome.size)
+                ));
+                return Ok(());
+            }
             if recursive {
                 let base = remote_base_name(&remote_name);
                 let base = if base.is_empty() { "." } else { base };
@@ -724,7 +882,12 @@ pub(crate) async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> an
                     .get_tree(&remote_name, &local, &mut bar)
                     .await
                     .map_err(|e| transfer_error(e, &ctx.server, &bar))?;
-                return report_tree("downloaded", &local.display().to_string(), &report, ui);
+                return report_batch(
+                    "downloaded",
+                    Some(&local.display().to_string()),
+                    &report,
+                    ui,
+                );
             }
             let local = local_target(&remote_name, local_path);
             let part = partial_path(&local);
@@ -767,80 +930,60 @@ pub(crate) async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> an
             Ok(())
         }
         Command::Mput { files, to } => {
-            let mut pairs = Vec::new();
+            let mut pairs: Vec<(PathBuf, String)> = Vec::new();
             for path in files {
                 let name = local_base_name(&path)?;
                 let remote = match &to {
                     Some(dir) => join_remote(dir.trim_end_matches('/'), &name),
                     None => name,
                 };
+                // Refused before anything is sent: one would silently replace the other.
+                if let Some((first, _)) = pairs.iter().find(|(_, r)| *r == remote) {
+                    return Err(failure(
+                        anyhow!("two files for {remote}"),
+                        exit::USAGE,
+                        format!(
+                            "{} and {} would both be uploaded as {remote}; nothing was sent: upload one of them under another name (netdisk put FILE NAME)",
+                            first.display(),
+                            path.display()
+                        ),
+                    ));
+                }
                 pairs.push((path, remote));
             }
-            let total = pairs
-                .iter()
-                .filter_map(|(path, _)| std::fs::metadata(path).ok())
-                .map(|m| m.len())
-                .sum();
             let mut bar = ui.progress();
-            bar.files_total(pairs.len() as u64);
-            bar.start(total, 0);
-            let results = client
-                .put_many(&pairs, &mut bar)
+            let report = client
+                .put_files(&pairs, &mut bar)
                 .await
                 .map_err(|e| transfer_error(e, &ctx.server, &bar))?;
-            bar.finish();
-            let names = pairs.iter().map(|(_, name)| name.as_str());
-            report_many("uploaded", names, &results, ui)
+            report_batch("uploaded", None, &report, ui)
         }
         Command::Mget {
             names,
             dir,
             overwrite,
         } => {
-            let mut wanted = Vec::new();
-            let mut partial = Vec::new();
-            let mut skipped = 0;
-            for name in &names {
-                let local = dir.join(remote_base_name(name));
-                let has_part =
-                    std::fs::symlink_metadata(partial_path(&local)).is_ok_and(|m| m.is_file());
-                if has_part && (overwrite || !local.exists()) {
-                    // An interrupted download: continue its partial file.
-                    partial.push((name.clone(), local));
-                } else if local.exists() && !overwrite {
-                    eprintln!(
-                        "netdisk: {name}: {} exists (use --overwrite)",
-                        local.display()
-                    );
-                    skipped += 1;
-                } else {
-                    wanted.push((name.clone(), local));
+            let mut pairs: Vec<(String, PathBuf)> = Vec::new();
+            for name in names {
+                let local = dir.join(remote_base_name(&name));
+                if let Some((first, _)) = pairs.iter().find(|(_, l)| *l == local) {
+                    return Err(failure(
+                        anyhow!("two files for {}", local.display()),
+                        exit::USAGE,
+                        format!(
+                            "{first} and {name} would both be saved as {}; nothing was fetched: get one of them under another name (netdisk get NAME LOCAL)",
+                            local.display()
+                        ),
+                    ));
                 }
+                pairs.push((name, local));
             }
             let mut bar = ui.progress();
-            bar.files_total(wanted.len() as u64);
-            bar.start(0, 0);
-            let mut results = client
-                .get_many(&wanted, &mut bar)
+            let report = client
+                .get_files(&pairs, overwrite, &mut bar)
                 .await
                 .map_err(|e| transfer_error(e, &ctx.server, &bar))?;
-            bar.finish();
-            for (name, local) in &partial {
-                let mut bar = ui.progress();
-                let result = client.get(name, local, true, &mut bar).await;
-                bar.finish();
-                if let Err(e @ (netdisk::Error::Io(_) | netdisk::Error::ConnectionClosed)) = result
-                {
-                    return Err(transfer_error(e, &ctx.server, &bar));
-                }
-                results.push(result);
-            }
-            let fetched = wanted.iter().chain(&partial).map(|(name, _)| name.as_str());
-            report_many("downloaded", fetched, &results, ui)?;
-            if skipped > 0 {
-                bail!("{skipped} of {} files skipped", names.len());
-            }
-            Ok(())
+            report_batch("downloaded", None, &report, ui)
         }
         Command::Mkdir { path, parents } => {
             client.mkdir(&path, parents).await?;
@@ -1062,15 +1205,32 @@ async fn serve(args: ServeArgs, no_tls: bool, secret: Option<Vec<u8>>) -> anyhow
         store.region = args.s3_region.or(store.region);
         config.object_store = Some(store);
     }
+    config.shutdown_grace = std::time::Duration::from_secs_f64(args.shutdown_grace.max(0.0));
     config.tls = match (no_tls, args.tls_cert, args.tls_key) {
         (true, _, _) => TlsSetting::Off,
         (false, Some(cert), Some(key)) => TlsSetting::Files { cert, key },
         _ => TlsSetting::SelfSigned,
     };
+    // Installed before serving, so a signal that arrives early still stops gracefully.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
     let server = Server::bind(config).await?;
     server
-        .run(async {
-            let _ = tokio::signal::ctrl_c().await;
+        .run(async move {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+            // A second signal stops at once; cut uploads resume later, as after a crash.
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = interrupt.recv() => {}
+                    _ = terminate.recv() => {}
+                }
+                tracing::warn!("second signal: stopping now, without waiting for transfers");
+                std::process::exit(1);
+            });
         })
         .await?;
     Ok(())
@@ -1117,10 +1277,12 @@ impl Remote {
                 failure(e, exit, message)
             })?;
         if let Some(fingerprint) = client.newly_pinned() {
-            self.ui.say(&format!(
-                "note: first connection to {}: trusting its certificate {fingerprint} from now on",
+            // Security-relevant: shown even with --quiet (on stderr, like every note).
+            eprintln!(
+                "note: first connection to {}: trusting its certificate {fingerprint} from now \
+                 on (check it with the server's log; netdisk known-servers list|forget)",
                 self.server
-            ));
+            );
         }
         Ok(client)
     }
@@ -1236,22 +1398,43 @@ fn sort_entries(entries: &mut [FileEntry], key: SortKey, reverse: bool) {
     }
 }
 
-/// What `put -r` / `get -r` did: failures one per line, a summary, an error if any failed.
-fn report_tree(verb: &str, target: &str, report: &TreeReport, ui: Ui) -> anyhow::Result<()> {
+/// What a transfer of many files did (`mput`, `mget`, `put -r`, `get -r`): failures one
+/// per line, then a summary; an error if any failed.
+fn report_batch(
+    verb: &str,
+    target: Option<&str>,
+    report: &TreeReport,
+    ui: Ui,
+) -> anyhow::Result<()> {
     for (path, e) in &report.failed {
         eprintln!("netdisk: {path}: {e}");
     }
-    ui.say(&format!(
-        "{verb} {} files ({} bytes, verified) to {target}; {} unchanged, {} skipped",
-        report.transferred,
-        report.bytes,
-        report.unchanged,
-        report.skipped.len()
-    ));
-    if !report.failed.is_empty() {
-        bail!("{} failed", report.failed.len());
+    let target = target.map(|t| format!(" to {t}")).unwrap_or_default();
+    let mut summary = format!(
+        "{verb} {} ({}, verified){target}; {} unchanged",
+        count(report.transferred, "file"),
+        ByteSize(report.bytes),
+        report.unchanged
+    );
+    if !report.skipped.is_empty() {
+        summary += &format!(", {} skipped", report.skipped.len());
+    }
+    ui.say(&summary);
+    let failed = report.failed.len() as u64;
+    if failed > 0 {
+        let all = report.transferred + report.unchanged + failed;
+        bail!("{failed} of {} failed", count(all, "file"));
     }
     Ok(())
+}
+
+/// `1 file`, `2 files`, `0 files`.
+fn count(n: u64, thing: &str) -> String {
+    if n == 1 {
+        format!("1 {thing}")
+    } else {
+        format!("{n} {thing}s")
+    }
 }
 
 /// Whether to continue an existing local file (`Some(true)`), download it again and
@@ -1341,32 +1524,6 @@ fn parse_size(text: &str) -> Result<u64, String> {
         }
     };
     Ok((number * scale as f64) as u64)
-}
-
-/// One line per failed file, a summary, and an error if anything failed.
-fn report_many<'a>(
-    verb: &str,
-    names: impl Iterator<Item = &'a str>,
-    results: &[netdisk::Result<netdisk::client::TransferOutcome>],
-    ui: Ui,
-) -> anyhow::Result<()> {
-    let mut failed = 0;
-    let mut bytes = 0;
-    for (name, result) in names.zip(results) {
-        match result {
-            Ok(outcome) => bytes += outcome.size,
-            Err(e) => {
-                failed += 1;
-                eprintln!("netdisk: {name}: {e}");
-            }
-        }
-    }
-    let done = results.len() - failed;
-    ui.say(&format!("{verb} {done} files ({bytes} bytes, verified)"));
-    if failed > 0 {
-        bail!("{failed} of {} files failed", results.len());
-    }
-    Ok(())
 }
 
 fn print_listing(entries: &[FileEntry], human: bool) {
@@ -1481,7 +1638,7 @@ struct Bar {
 impl Bar {
     fn show_files(&self) {
         if let (Some(bar), Some((done, total))) = (&self.bar, self.files) {
-            bar.set_message(format!("{done}/{total} files"));
+            bar.set_message(format!("{done}/{total} files "));
         }
     }
 }
@@ -1496,7 +1653,7 @@ impl Progress for Bar {
         let bar = ProgressBar::new(total);
         bar.set_style(
             ProgressStyle::with_template(
-                "{bar:30} {bytes}/{total_bytes} {msg} {binary_bytes_per_sec} ETA {eta}",
+                "{bar:25} {binary_bytes}/{binary_total_bytes} {msg}{binary_bytes_per_sec} ETA {eta}",
             )
             .expect("valid template"),
         );
@@ -1522,6 +1679,15 @@ impl Progress for Bar {
         self.position += bytes;
         if let Some(bar) = &self.bar {
             bar.inc(bytes);
+        }
+    }
+
+    fn skip(&mut self, bytes: u64) {
+        self.position += bytes;
+        if let Some(bar) = &self.bar {
+            bar.inc(bytes);
+            // The rate and time left count only what moves.
+            bar.reset_eta();
         }
     }
 
@@ -1560,6 +1726,87 @@ mod tests {
         assert_eq!(remote_base_name("c.txt"), "c.txt");
         assert_eq!(remote_base_name("photos/"), "photos");
         assert_eq!(remote_base_name(""), "");
+    }
+
+    #[test]
+    fn every_positional_argument_has_help() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_positionals() {
+                if arg
+                    .get_help()
+                    .is_none_or(|help| help.to_string().trim().is_empty())
+                {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in command.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&cli_command(), "netdisk", &mut missing);
+        assert_eq!(missing, Vec::<String>::new(), "positionals without help");
+        // The walk sees positionals at every depth (a check that cannot pass vacuously).
+        let admin = cli_command();
+        let delete = admin
+            .find_subcommand("admin")
+            .and_then(|a| a.find_subcommand("delete"))
+            .expect("admin delete");
+        assert_eq!(delete.get_positionals().count(), 1);
+    }
+
+    #[test]
+    fn serve_help_shows_no_client_options() {
+        let mut command = cli_command();
+        command.build(); // copies the global options into the subcommands
+        let serve = command.find_subcommand_mut("serve").expect("serve");
+        let help = serve.render_long_help().to_string();
+        for client_only in ["--user", "--server", "--ca", "--quiet"] {
+            assert!(!help.contains(client_only), "{client_only} in: {help}");
+        }
+        for server_option in [
+            "--listen",
+            "--root",
+            "--shutdown-grace",
+            "--no-tls",
+            "--secret-file",
+        ] {
+            assert!(
+                help.contains(server_option),
+                "{server_option} missing: {help}"
+            );
+        }
+        // A client command still shows them.
+        let ls = command.find_subcommand_mut("ls").expect("ls");
+        assert!(ls.render_long_help().to_string().contains("--user"));
+        // Parsing is unchanged, before and after the subcommand.
+        let parse = |args: &[&str]| {
+            Cli::from_arg_matches(&cli_command().try_get_matches_from(args).unwrap()).unwrap()
+        };
+        let cli = parse(&[
+            "netdisk",
+            "--server",
+            "h:1",
+            "serve",
+            "--listen",
+            "0.0.0.0:7",
+        ]);
+        assert!(
+            matches!(cli.command, Command::Serve(ServeArgs { ref listen, .. }) if listen == "0.0.0.0:7")
+        );
+        assert_eq!(cli.server, "h:1");
+        let cli = parse(&["netdisk", "ls", "--server", "h:2", "--user", "u"]);
+        assert_eq!(
+            (cli.server.as_str(), cli.user.as_deref()),
+            ("h:2", Some("u"))
+        );
+    }
+
+    #[test]
+    fn summaries_count_files_in_words() {
+        assert_eq!(count(1, "file"), "1 file");
+        assert_eq!(count(0, "file"), "0 files");
+        assert_eq!(count(5, "file"), "5 files");
     }
 
     #[test]

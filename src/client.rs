@@ -29,6 +29,11 @@ pub trait Progress: Send {
     /// The transfer of `total` bytes starts, `from` of them already in place.
     fn start(&mut self, _total: u64, _from: u64) {}
     fn advance(&mut self, _bytes: u64) {}
+    /// Bytes that need not move (already in place, unchanged): counted as done, but not
+    /// in the transfer rate.
+    fn skip(&mut self, bytes: u64) {
+        self.advance(bytes);
+    }
     fn finish(&mut self) {}
     /// Something the user should know (a resume, a restart and why).
     fn notice(&mut self, _message: &str) {}
@@ -44,10 +49,13 @@ struct Overall<'a>(&'a mut dyn Progress);
 
 impl Progress for Overall<'_> {
     fn start(&mut self, _total: u64, from: u64) {
-        self.0.advance(from);
+        self.0.skip(from);
     }
     fn advance(&mut self, bytes: u64) {
         self.0.advance(bytes);
+    }
+    fn skip(&mut self, bytes: u64) {
+        self.0.skip(bytes);
     }
     fn notice(&mut self, message: &str) {
         self.0.notice(message);
@@ -955,7 +963,9 @@ impl Client {
             };
             let result = match reply {
                 Ok(reply) if reply.offset == 0 => {
-                    let outcome = self.receive_download(&reply, local, &mut NoProgress).await;
+                    let outcome = self
+                        .receive_download(&reply, local, &mut Overall(&mut *progress))
+                        .await;
                     // A local failure (cannot write, checksum) is this file's; a broken
                     // connection ends everything.
                     match outcome {
@@ -968,13 +978,191 @@ impl Client {
                 Ok(_) => return Err(Error::Protocol("unasked resume in a get reply".into())),
                 Err(e) => Err(e),
             };
-            if let Ok(outcome) = &result {
-                progress.advance(outcome.size);
-            }
             progress.file_done();
             results.push(result);
         }
         Ok(results)
+    }
+
+    /// Download many files over this one connection, like ftp's `mget` but resumable:
+    /// each `(remote, local)` continues its partial file ([`partial_path`]) if there is
+    /// one, a local file with the same size and checksum as the server's is kept
+    /// (unchanged), and another existing local file is a failure unless `overwrite`.
+    /// The rest are fetched pipelined. A broken connection ends everything.
+    pub async fn get_files(
+        &mut self,
+        files: &[(String, PathBuf)],
+        overwrite: bool,
+        progress: &mut dyn Progress,
+    ) -> Result<TreeReport> {
+        let mut report = TreeReport::default();
+        let is_file = |path: &Path| std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file());
+        // The server's sizes (the bar's total), and checksums where a local file exists.
+        let requests: Vec<Request> = files
+            .iter()
+            .map(|(remote, local)| Request::Stat {
+                path: remote_path(remote).unwrap_or_else(|_| remote.clone()),
+                digest: is_file(local) && !is_file(&partial_path(local)),
+            })
+            .collect();
+        let stats = self.pipelined::<FileEntry>(&requests).await?;
+        progress.files_total(files.len() as u64);
+        let total = stats.iter().flatten().map(|entry| entry.size).sum();
+        progress.start(total, 0);
+        let mut fetch = Vec::new();
+        let mut resume = Vec::new();
+        let mut compare = Vec::new();
+        for ((remote, local), stat) in files.iter().zip(stats) {
+            let failed = |why: Error, report: &mut TreeReport, progress: &mut dyn Progress| {
+                report.failed.push((remote.clone(), why));
+                progress.file_done();
+            };
+            let entry = match stat {
+                Ok(entry) if entry.kind == EntryType::File => entry,
+                Ok(_) => {
+                    let why = Error::remote(
+                        ErrorCode::WrongType,
+                        format!("{remote} is a folder (use get -r)"),
+                    );
+                    failed(why, &mut report, progress);
+                    continue;
+                }
+                Err(e) => {
+                    failed(e, &mut report, progress);
+                    continue;
+                }
+            };
+            if is_file(&partial_path(local)) {
+                resume.push((remote.clone(), local.clone()));
+            } else if std::fs::symlink_metadata(local).is_err() {
+                fetch.push((remote.clone(), local.clone()));
+            } else if !is_file(local) {
+                let why = Error::Invalid(format!(
+                    "{} exists and is not a regular file",
+                    local.display()
+                ));
+                failed(why, &mut report, progress);
+            } else if entry.digest.is_some()
+                && std::fs::metadata(local).is_ok_and(|m| m.len() == entry.size)
+            {
+                compare.push((remote.clone(), local.clone(), entry));
+            } else if overwrite {
+                fetch.push((remote.clone(), local.clone()));
+            } else {
+                let why = Error::Invalid(format!(
+                    "{} exists and differs (use --overwrite)",
+                    local.display()
+                ));
+                failed(why, &mut report, progress);
+            }
+        }
+        // Same size: the same file if the checksums match too.
+        let paths: Vec<PathBuf> = compare.iter().map(|c| c.1.clone()).collect();
+        let digests = blocking(move || {
+            Ok(paths
+                .iter()
+                .map(|path| {
+                    open_local(path)
+                        .and_then(|file| Ok(hash_reader(file)?))
+                        .map(|chunks| file_digest(&chunks).to_hex().to_string())
+                        .ok()
+                })
+                .collect::<Vec<Option<String>>>())
+        })
+        .await?;
+        for ((remote, local, entry), digest) in compare.into_iter().zip(digests) {
+            if digest.is_some() && digest == entry.digest {
+                report.unchanged += 1;
+                progress.skip(entry.size);
+                progress.file_done();
+            } else if overwrite {
+                fetch.push((remote, local));
+            } else {
+                let why = Error::Invalid(format!(
+                    "{} exists and differs (use --overwrite)",
+                    local.display()
+                ));
+                report.failed.push((remote, why));
+                progress.file_done();
+            }
+        }
+        let results = self.get_many(&fetch, progress).await?;
+        for ((remote, _), result) in fetch.iter().zip(results) {
+            match result {
+                Ok(outcome) => {
+                    report.transferred += 1;
+                    report.bytes += outcome.size;
+                }
+                Err(e) => report.failed.push((remote.clone(), e)),
+            }
+        }
+        for (remote, local) in resume {
+            match self
+                .get(&remote, &local, true, &mut Overall(&mut *progress))
+                .await
+            {
+                Ok(outcome) => {
+                    report.transferred += 1;
+                    report.bytes += outcome.size;
+                }
+                Err(e @ (Error::Io(_) | Error::ConnectionClosed | Error::Protocol(_))) => {
+                    return Err(e)
+                }
+                Err(e) => report.failed.push((remote, e)),
+            }
+            progress.file_done();
+        }
+        progress.finish();
+        Ok(report)
+    }
+
+    /// Download `remote` into `out` (standard output, a pipe) as it arrives, and verify
+    /// the whole file's checksum at the end: a mismatch can only be reported after the
+    /// bytes were written. Nothing is resumed.
+    pub async fn get_to_writer(
+        &mut self,
+        remote: &str,
+        out: Box<dyn Write + Send>,
+        progress: &mut dyn Progress,
+    ) -> Result<TransferOutcome> {
+        let remote = non_root(remote_path(remote)?)?;
+        self.conn
+            .write_header(&Request::Get {
+                filename: remote.clone(),
+                offset: 0,
+                check_chunk: None,
+            })
+            .await?;
+        self.conn.flush().await?;
+        let reply: GetReply = self.conn.read_reply().await?;
+        if reply.offset != 0 || reply.filesize != reply.size {
+            return Err(Error::Protocol("inconsistent get reply".into()));
+        }
+        progress.start(reply.size, 0);
+        let sink = StreamWriter {
+            out,
+            hasher: ChunkHasher::new(),
+        };
+        let mut sink = receive_body(&mut self.conn, reply.filesize, sink, &mut |n| {
+            progress.advance(n)
+        })
+        .await?;
+        sink.out.flush().map_err(stream_error)?;
+        progress.finish();
+        let digest = file_digest(&sink.hasher.finish_chunks())
+            .to_hex()
+            .to_string();
+        if digest != reply.digest {
+            return Err(Error::ChecksumMismatch(format!(
+                "the bytes of {remote} written out do not match the server's checksum (got {digest}, expected {})",
+                reply.digest
+            )));
+        }
+        Ok(TransferOutcome {
+            size: reply.size,
+            resumed_from: 0,
+            digest,
+        })
     }
 
     /// Upload the folder `local_dir` and everything in it as the remote folder
@@ -1025,9 +1213,85 @@ impl Client {
             }
         }
 
-        // The local checksums, then which remote files already have them.
-        let paths: Vec<PathBuf> = files.iter().map(|f| f.0.clone()).collect();
-        let digests = blocking(move || {
+        let files = files
+            .into_iter()
+            .map(|(local, rel, size)| (local, join_remote(&remote_dir, &rel), size))
+            .collect();
+        self.put_changed(files, &mut report, progress).await?;
+        progress.finish();
+        Ok(report)
+    }
+
+    /// Upload many files over this one connection, like ftp's `mput` but resumable (like
+    /// rsync): a remote file that already has the local file's size and checksum is not
+    /// sent again, and a large file's staged upload continues. Each `(local, remote)`
+    /// otherwise replaces the remote file. A local file that cannot be read is a failure
+    /// in the report, as is a refusal; a broken connection ends everything.
+    pub async fn put_files(
+        &mut self,
+        files: &[(PathBuf, String)],
+        progress: &mut dyn Progress,
+    ) -> Result<TreeReport> {
+        let mut report = TreeReport::default();
+        let mut sized = Vec::new();
+        for (local, remote) in files {
+            match std::fs::metadata(local) {
+                Ok(meta) if meta.is_file() => {
+                    sized.push((local.clone(), remote.clone(), meta.len()))
+                }
+                Ok(_) => report.failed.push((
+                    remote.clone(),
+                    Error::Invalid(format!("{} is not a file", local.display())),
+                )),
+                Err(e) => report.failed.push((
+                    remote.clone(),
+                    Error::Invalid(format!("cannot read {}: {e}", local.display())),
+                )),
+            }
+        }
+        progress.files_total(files.len() as u64);
+        progress.start(sized.iter().map(|f| f.2).sum(), 0);
+        for _ in &report.failed {
+            progress.file_done();
+        }
+        self.put_changed(sized, &mut report, progress).await?;
+        progress.finish();
+        Ok(report)
+    }
+
+    /// Send the `(local, remote path, size)` files whose remote copy differs, counting
+    /// them in `report`. Only files whose remote copy has the same size are hashed here,
+    /// and their checksums compared with the server's.
+    async fn put_changed(
+        &mut self,
+        files: Vec<(PathBuf, String, u64)>,
+        report: &mut TreeReport,
+        progress: &mut dyn Progress,
+    ) -> Result<()> {
+        let stats = |digest: bool, paths: &[&String]| -> Vec<Request> {
+            paths
+                .iter()
+                .map(|path| Request::Stat {
+                    path: path.to_string(),
+                    digest,
+                })
+                .collect()
+        };
+        let remote_paths: Vec<&String> = files.iter().map(|f| &f.1).collect();
+        let sizes = self
+            .pipelined::<FileEntry>(&stats(false, &remote_paths))
+            .await?;
+        let same_size: Vec<bool> = files
+            .iter()
+            .zip(&sizes)
+            .map(|((_, _, size), remote)| {
+                matches!(remote, Ok(e) if e.kind == EntryType::File && e.size == *size)
+            })
+            .collect();
+        // Same size: hash the local file and ask for the server's checksum.
+        let candidates: Vec<usize> = (0..files.len()).filter(|&i| same_size[i]).collect();
+        let paths: Vec<PathBuf> = candidates.iter().map(|&i| files[i].0.clone()).collect();
+        let local_digests = blocking(move || {
             Ok(paths
                 .iter()
                 .map(|path| {
@@ -1037,35 +1301,29 @@ impl Client {
                 .collect::<Vec<Result<String>>>())
         })
         .await?;
-        let requests: Vec<Request> = files
-            .iter()
-            .map(|(_, rel, _)| Request::Stat {
-                path: join_remote(&remote_dir, rel),
-                digest: true,
-            })
-            .collect();
-        let remote = self.pipelined::<FileEntry>(&requests).await?;
+        let candidate_paths: Vec<&String> = candidates.iter().map(|&i| &files[i].1).collect();
+        let remote_digests = self
+            .pipelined::<FileEntry>(&stats(true, &candidate_paths))
+            .await?;
+        let mut digests: Vec<Option<Result<String>>> = (0..files.len()).map(|_| None).collect();
+        let mut same = vec![false; files.len()];
+        for ((&i, local), remote) in candidates.iter().zip(local_digests).zip(remote_digests) {
+            same[i] = matches!((&local, &remote), (Ok(l), Ok(r)) if r.digest.as_deref() == Some(l.as_str()));
+            digests[i] = Some(local);
+        }
         let mut to_send = Vec::new();
-        for (((local, rel, size), digest), remote) in files.into_iter().zip(digests).zip(remote) {
-            let digest = match digest {
-                Ok(digest) => digest,
-                Err(e) => {
-                    report.failed.push((rel, e));
+        for (((local, remote, size), digest), same) in files.into_iter().zip(digests).zip(same) {
+            match digest {
+                Some(Err(e)) => {
+                    report.failed.push((remote, e));
                     progress.file_done();
-                    continue;
                 }
-            };
-            match remote {
-                Ok(entry)
-                    if entry.kind == EntryType::File
-                        && entry.size == size
-                        && entry.digest.as_deref() == Some(digest.as_str()) =>
-                {
+                _ if same => {
                     report.unchanged += 1;
-                    progress.advance(size);
+                    progress.skip(size);
                     progress.file_done();
                 }
-                _ => to_send.push((local, join_remote(&remote_dir, &rel), Some(digest))),
+                digest => to_send.push((local, remote, digest.and_then(Result::ok))),
             }
         }
         let results = self.put_many_checked(&to_send, progress).await?;
@@ -1079,8 +1337,7 @@ impl Client {
                 Err(e) => report.failed.push((remote.clone(), e)),
             }
         }
-        progress.finish();
-        Ok(report)
+        Ok(())
     }
 
     /// Download the remote folder `remote_dir` and everything in it into the local folder
@@ -1179,7 +1436,7 @@ impl Client {
             let remote = join_remote(&remote_dir, &rel);
             let path = local_dir.join(&rel);
             if under(&blocked, &rel) {
-                progress.advance(size);
+                progress.skip(size);
                 progress.file_done();
                 continue;
             }
@@ -1198,7 +1455,7 @@ impl Client {
                     );
                     progress.notice(&why);
                     report.skipped.push(why);
-                    progress.advance(size);
+                    progress.skip(size);
                     progress.file_done();
                 }
                 Ok(meta) if meta.len() == size => compare.push((remote, path, size)),
@@ -1236,7 +1493,7 @@ impl Client {
             };
             if same {
                 report.unchanged += 1;
-                progress.advance(size);
+                progress.skip(size);
                 progress.file_done();
             } else {
                 fetch.push((remote, path));
@@ -1534,6 +1791,26 @@ impl BodySource for HashingReader {
         self.hasher.update(&buf[..n]);
         Ok(n)
     }
+}
+
+/// Writes a download to a stream (`get REMOTE -`), hashing what it writes.
+struct StreamWriter {
+    out: Box<dyn Write + Send>,
+    hasher: ChunkHasher,
+}
+
+impl BodySink for StreamWriter {
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.out.write_all(bytes).map_err(stream_error)?;
+        self.hasher.update(bytes);
+        Ok(())
+    }
+}
+
+/// A failed write to the output stream is a local failure, not a network one (a closed
+/// pipe is not a lost connection to the server).
+fn stream_error(e: std::io::Error) -> Error {
+    Error::Invalid(format!("cannot write the output: {e}"))
 }
 
 /// Writes the local file for `get`, hashing what it writes.

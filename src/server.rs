@@ -85,6 +85,9 @@ pub struct ServerConfig {
     /// what is this node's own (its lock, a local TLS key when not shared).
     #[cfg(feature = "s3")]
     pub object_store: Option<crate::objstore::ObjectStoreConfig>,
+    /// At shutdown, how long running transfers may take to finish before their
+    /// connections are cut (idle connections are closed at once).
+    pub shutdown_grace: Duration,
 }
 
 /// Where the server's TLS certificate comes from.
@@ -115,6 +118,7 @@ impl ServerConfig {
             registration_burst: 10,
             #[cfg(feature = "s3")]
             object_store: None,
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -206,7 +210,9 @@ impl Server {
         self.shared.tls.as_ref().map(|tls| tls.fingerprint.as_str())
     }
 
-    /// Serve until `shutdown` completes. Connections in progress are left to finish.
+    /// Serve until `shutdown` completes, then stop gracefully: no new connections, idle
+    /// ones closed at once, running transfers given `shutdown_grace` to finish, the rest
+    /// cut. Returns once every connection has ended.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
         info!(
             addr = %self.local_addr()?,
@@ -220,14 +226,14 @@ impl Server {
         let housekeeping = spawn_housekeeping(self.shared.clone());
         let limit = Arc::new(Semaphore::new(self.shared.config.max_connections));
         let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        let mut connections = tokio::task::JoinSet::new();
         tokio::pin!(shutdown);
         loop {
+            // Reap finished connections, so the set holds only live ones.
+            while connections.try_join_next().is_some() {}
             let (socket, peer) = tokio::select! {
-                _ = &mut shutdown => {
-                    info!("shutting down");
-                    housekeeping.abort();
-                    return Ok(());
-                }
+                _ = &mut shutdown => break,
                 accepted = self.listener.accept() => match accepted {
                     Ok(accepted) => accepted,
                     Err(e) => {
@@ -250,18 +256,47 @@ impl Server {
             let _ = socket.set_nodelay(true);
             let shared = self.shared.clone();
             let limit = limit.clone();
-            tokio::spawn(async move {
+            let stopping = stopping.clone();
+            connections.spawn(async move {
                 let conn = open_connection(socket, peer, &shared).await;
                 drop(handshake);
                 let Some(conn) = conn else { return };
                 let slot = slot.handshake_done();
                 match limit.try_acquire_owned() {
-                    Ok(_permit) => Handler::new(conn, peer, shared).run().await,
+                    Ok(_permit) => Handler::new(conn, peer, shared, stopping).run().await,
                     Err(_) => refuse_busy(conn, peer).await,
                 }
                 drop(slot);
             });
         }
+        // Closing the listener refuses new connections from here on.
+        housekeeping.abort();
+        let grace = self.shared.config.shutdown_grace;
+        let Server {
+            listener,
+            _root_lock,
+            ..
+        } = self;
+        drop(listener);
+        while connections.try_join_next().is_some() {}
+        info!(
+            connections = connections.len(),
+            grace_secs = grace.as_secs_f64(),
+            "shutting down: no new connections; running transfers may finish"
+        );
+        let _ = stop.send(true);
+        let all_ended = async { while connections.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(grace, all_ended).await;
+        let cut = connections.len();
+        if cut > 0 {
+            warn!(
+                connections = cut,
+                "shutdown grace over; cutting the connections still running"
+            );
+        }
+        connections.shutdown().await;
+        info!(connections_cut = cut, "netdisk server stopped");
+        Ok(())
     }
 }
 
@@ -559,10 +594,17 @@ struct Handler {
     unsynced: Vec<Durable>,
     /// Body bytes the current request announced and no one has read yet.
     body_left: u64,
+    /// Becomes true when the server shuts down: an idle connection closes then.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Handler {
-    fn new(mut conn: Connection, peer: SocketAddr, shared: Arc<Shared>) -> Handler {
+    fn new(
+        mut conn: Connection,
+        peer: SocketAddr,
+        shared: Arc<Shared>,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> Handler {
         conn.set_stall_timeout(shared.config.idle_timeout);
         Handler {
             conn,
@@ -576,6 +618,7 @@ impl Handler {
             upload: None,
             unsynced: Vec::new(),
             body_left: 0,
+            stopping,
         }
     }
 
@@ -590,7 +633,23 @@ impl Handler {
             } else {
                 self.shared.config.handshake_timeout
             };
-            let header = match tokio::time::timeout(timeout, self.conn.read_header()).await {
+            // At shutdown a connection waiting for its next request closes; one inside an
+            // upload (between its put, data and commit) or with requests queued goes on.
+            let idle = self.upload.is_none() && !self.conn.has_buffered_input();
+            let stopping = &mut self.stopping;
+            let stop = async move {
+                let _ = stopping.wait_for(|stop| *stop).await;
+            };
+            let read = tokio::select! {
+                biased;
+                read = tokio::time::timeout(timeout, self.conn.read_header()) => read,
+                _ = stop, if idle => {
+                    info!(peer = %self.peer, "server shutting down; closing the idle connection");
+                    let _ = self.conn.shutdown().await;
+                    break;
+                }
+            };
+            let header = match read {
                 Err(_) => {
                     info!(peer = %self.peer, "closing idle connection");
                     break;
@@ -658,6 +717,10 @@ impl Handler {
                     let shown = if code == ErrorCode::Internal {
                         warn!(peer = %self.peer, user, cmd, %message, ms, "internal error");
                         "internal server error (details are in the server's log)".to_string()
+                    } else if code == ErrorCode::NoSpace && !message.starts_with("quota") {
+                        // The disk (or the file system's quota) is full: the operator must act.
+                        error!(peer = %self.peer, user, cmd, %message, ms, "disk full");
+                        message
                     } else {
                         info!(peer = %self.peer, user, cmd, ?code, %message, ms, "refused");
                         message

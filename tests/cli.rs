@@ -318,12 +318,17 @@ async fn mput_and_mget_move_many_files_over_one_connection() {
         std::fs::metadata(env.path("back/large.bin")).unwrap().len(),
         3_000_000
     );
-    // Existing files are not overwritten without --overwrite.
+    // Identical local files are kept; different ones are not overwritten without
+    // --overwrite.
+    let out = run(env.cmd(&["mget", "-C", "back", "s1.txt"])).await;
+    assert!(stderr(&out).contains("1 unchanged"), "{}", stderr(&out));
+    write_file(env.work.path(), "back/s1.txt", b"changed here");
     let out = run(env.cmd(&["mget", "-C", "back", "s1.txt"])).await;
     assert!(!out.status.success());
     assert!(stderr(&out).contains("--overwrite"));
     env.ok(&["mget", "-C", "back", "--overwrite", "s1.txt"])
         .await;
+    assert!(std::fs::read(env.path("back/s1.txt")).unwrap() == random_bytes(4097, 1));
 }
 
 /// Runs the binary on a pseudo-terminal (Python's pty module), answers its questions
@@ -1069,4 +1074,322 @@ async fn register_checks_the_name_first_and_the_password_length() {
     let out = run(cmd).await;
     assert!(!out.status.success());
     assert!(stderr(&out).contains("at least 8 characters"));
+}
+
+/// Inode numbers of the user's files on the server: a file sent again is a new inode.
+fn server_inodes(env: &Env, user: &str, names: &[&str]) -> Vec<u64> {
+    use std::os::unix::fs::MetadataExt;
+    names
+        .iter()
+        .map(|name| {
+            std::fs::metadata(env.server.user_file(user, name))
+                .unwrap()
+                .ino()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mput_run_again_after_a_cut_sends_only_what_is_missing() {
+    let env = Env::new().await;
+    logged_in(&env, "rae").await;
+    // Small files (pipelined), then two large ones (streamed, resumable).
+    let files: Vec<(String, Vec<u8>)> = vec![
+        ("s1.txt".into(), random_bytes(200_000, 1)),
+        ("s2.txt".into(), random_bytes(200_000, 2)),
+        ("s3.txt".into(), random_bytes(200_000, 3)),
+        ("l1.bin".into(), random_bytes(6_000_000, 4)),
+        ("l2.bin".into(), random_bytes(9_000_000, 5)),
+    ];
+    for (name, data) in &files {
+        write_file(env.work.path(), name, data);
+    }
+    let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+    let mut args = vec!["mput"];
+    args.extend(&names);
+
+    // Cut the connection in the middle of l2.bin, past its first 4 MiB chunk.
+    let proxy = CuttingProxy::start(env.server.addr_string()).await;
+    proxy.cut_after(12_000_000);
+    let mut cmd = env.cmd(&args);
+    cmd.env("NETDISK_SERVER", &proxy.addr)
+        .env("NETDISK_PASSWORD", "password")
+        .args(["--user", "rae"]);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(!env.server.user_file("rae", "l2.bin").exists());
+    let done = ["s1.txt", "s2.txt", "s3.txt", "l1.bin"];
+    let before = server_inodes(&env, "rae", &done);
+
+    // One file changed locally since (same size): it must be sent again.
+    let changed = random_bytes(200_000, 99);
+    write_file(env.work.path(), "s2.txt", &changed);
+    let out = run(env.cmd(&args)).await;
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("resuming the upload of l2.bin"), "{err}");
+    assert!(err.contains("uploaded 2 files ("), "{err}");
+    assert!(err.contains("; 3 unchanged"), "{err}");
+    let after = server_inodes(&env, "rae", &done);
+    // s1, s3 and l1 were not sent again; s2 was.
+    assert_eq!(
+        [after[0], after[2], after[3]],
+        [before[0], before[2], before[3]]
+    );
+    assert_ne!(after[1], before[1]);
+    for (name, data) in &files {
+        let expected = if name == "s2.txt" { &changed } else { data };
+        assert!(
+            std::fs::read(env.server.user_file("rae", name)).unwrap() == *expected,
+            "{name}"
+        );
+    }
+
+    // Nothing left to do: all unchanged, one summary line.
+    let out = run(env.cmd(&args)).await;
+    assert!(out.status.success());
+    assert!(
+        stderr(&out).contains("uploaded 0 files (0 B, verified); 5 unchanged"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mget_run_again_after_a_cut_resumes_and_keeps_complete_files() {
+    let env = Env::new().await;
+    logged_in(&env, "max").await;
+    let files: Vec<(String, Vec<u8>)> = vec![
+        ("a.txt".into(), random_bytes(300_000, 11)),
+        ("b.bin".into(), random_bytes(5_000_000, 12)),
+        ("c.bin".into(), random_bytes(10_000_000, 13)),
+    ];
+    for (name, data) in &files {
+        write_file(env.work.path(), name, data);
+    }
+    env.ok(&["mput", "a.txt", "b.bin", "c.bin"]).await;
+    std::fs::create_dir(env.path("back")).unwrap();
+    let args = ["mget", "-C", "back", "a.txt", "b.bin", "c.bin"];
+
+    let proxy = CuttingProxy::start(env.server.addr_string()).await;
+    proxy.cut_after(11_000_000);
+    let mut cmd = env.cmd(&args);
+    cmd.env("NETDISK_SERVER", &proxy.addr)
+        .env("NETDISK_PASSWORD", "password")
+        .args(["--user", "max"]);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(env.path("back/c.bin.part").exists());
+    assert!(!env.path("back/c.bin").exists());
+    use std::os::unix::fs::MetadataExt;
+    let kept = std::fs::metadata(env.path("back/a.txt")).unwrap().ino();
+
+    let out = run(env.cmd(&args)).await;
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("resuming the download of c.bin"), "{err}");
+    assert!(
+        err.contains("downloaded 1 file (") && err.contains("; 2 unchanged"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::metadata(env.path("back/a.txt")).unwrap().ino(),
+        kept
+    );
+    for (name, data) in &files {
+        assert!(std::fs::read(env.path(&format!("back/{name}"))).unwrap() == *data);
+    }
+    assert!(!env.path("back/c.bin.part").exists());
+
+    // A local file that differs is left alone unless --overwrite.
+    write_file(env.work.path(), "back/a.txt", b"mine");
+    let out = run(env.cmd(&["mget", "-C", "back", "a.txt"])).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--overwrite"), "{}", stderr(&out));
+    assert_eq!(std::fs::read(env.path("back/a.txt")).unwrap(), b"mine");
+    env.ok(&["mget", "-C", "back", "--overwrite", "a.txt"])
+        .await;
+    assert!(std::fs::read(env.path("back/a.txt")).unwrap() == files[0].1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mput_refuses_two_files_with_one_name_before_sending_anything() {
+    let env = Env::new().await;
+    logged_in(&env, "dee").await;
+    std::fs::create_dir(env.path("x")).unwrap();
+    std::fs::create_dir(env.path("y")).unwrap();
+    write_file(env.work.path(), "first.txt", b"1");
+    write_file(env.work.path(), "x/same.txt", b"x");
+    write_file(env.work.path(), "y/same.txt", b"y");
+    let out = run(env.cmd(&["mput", "first.txt", "x/same.txt", "y/same.txt"])).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("x/same.txt")
+            && err.contains("y/same.txt")
+            && err.contains("nothing was sent"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    let listing: serde_json::Value =
+        serde_json::from_str(&env.ok(&["ls", "--json"]).await).unwrap();
+    assert_eq!(listing, serde_json::json!([]), "nothing was sent");
+    // The same for mget: two remote files that would land on one local name.
+    let out = run(env.cmd(&["mget", "a/same.txt", "b/same.txt"])).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("a/same.txt and b/same.txt"), "{err}");
+    assert!(!env.path("same.txt").exists() && !env.path("same.txt.part").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_file_summaries_count_in_words() {
+    let env = Env::new().await;
+    logged_in(&env, "sue").await;
+    write_file(env.work.path(), "one.txt", b"1");
+    let out = run(env.cmd(&["mput", "one.txt"])).await;
+    assert!(
+        stderr(&out).contains("uploaded 1 file (1 B, verified); 0 unchanged"),
+        "{}",
+        stderr(&out)
+    );
+    for name in ["a.txt", "b.txt", "c.txt", "aux.txt"] {
+        write_file(env.work.path(), name, name.as_bytes());
+    }
+    // Two of five fail: a missing local file, and a name the server refuses.
+    let out = run(env.cmd(&["mput", "a.txt", "missing.txt", "b.txt", "aux.txt", "c.txt"])).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("uploaded 3 files ("), "{err}");
+    assert!(err.contains("2 of 5 files failed"), "{err}");
+    assert!(err.contains("missing.txt: cannot read"), "{err}");
+    assert!(err.contains("aux.txt: bad path"), "{err}");
+    // mget: one of one.
+    let out = run(env.cmd(&["mget", "-C", ".", "nothing-here.txt"])).await;
+    assert!(
+        stderr(&out).contains("1 of 1 file failed"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_to_stdout_and_put_from_stdin() {
+    let env = Env::new().await;
+    logged_in(&env, "pip").await;
+    let data = random_bytes(6_000_000, 41);
+    write_file(env.work.path(), "d.bin", &data);
+    env.ok(&["put", "d.bin"]).await;
+
+    let out = run(env.cmd(&["get", "d.bin", "-"])).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(out.stdout == data, "stdout is the file, byte for byte");
+    assert!(stderr(&out).contains("standard output"), "{}", stderr(&out));
+    assert!(!env.path("-").exists() && !env.path("-.part").exists());
+
+    // put - NAME: stdin is spooled in $TMPDIR, uploaded, verified, and the spool removed.
+    let spool = tempfile::tempdir().unwrap();
+    let piped = random_bytes(5_500_000, 42);
+    let mut cmd = env.cmd(&["put", "-", "from-stdin.bin"]);
+    cmd.env("TMPDIR", spool.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let input = piped.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = cmd.spawn().unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(&input).unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(out.stdout.is_empty());
+    assert!(std::fs::read(env.server.user_file("pip", "from-stdin.bin")).unwrap() == piped);
+    assert_eq!(std::fs::read_dir(spool.path()).unwrap().count(), 0);
+    // Without a remote name there is nothing to call it.
+    let err = env.fails(&["put", "-"]).await;
+    assert!(err.contains("put - NAME"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_still_says_a_new_certificate_was_trusted() {
+    let env = Env::new().await;
+    let out = run(env.cmd(&["-q", "ls"])).await;
+    let err = stderr(&out);
+    assert!(err.contains("trusting its certificate"), "{err}");
+    assert!(err.contains("known-servers"), "{err}");
+    // Only the first time.
+    let out = run(env.cmd(&["-q", "ls"])).await;
+    assert!(!stderr(&out).contains("trusting"), "{}", stderr(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_help_has_only_server_options_and_server_goes_either_side() {
+    let env = Env::new().await;
+    let help = env.ok(&["serve", "--help"]).await;
+    assert!(
+        help.contains("--shutdown-grace") && help.contains("--listen"),
+        "{help}"
+    );
+    assert!(
+        !help.contains("--user") && !help.contains("--server"),
+        "{help}"
+    );
+    logged_in(&env, "ned").await;
+    // --server before or after the command, overriding NETDISK_SERVER.
+    let addr = env.server.addr_string();
+    for args in [
+        vec!["--server", addr.as_str(), "whoami"],
+        vec!["whoami", "--server", addr.as_str()],
+    ] {
+        let mut cmd = env.cmd(&args);
+        cmd.env("NETDISK_SERVER", "127.0.0.1:1");
+        let out = run(cmd).await;
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ned");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logout_with_user_keeps_another_users_saved_login() {
+    let env = Env::new().await;
+    logged_in(&env, "yan").await;
+    assert!(env
+        .with_password("password", &["register", "xia"])
+        .await
+        .status
+        .success());
+    let out = run(env.cmd(&["--user", "xia", "logout"])).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("yan") && err.contains("kept"), "{err}");
+    assert_eq!(env.ok(&["whoami"]).await.trim(), "yan");
+    env.ok(&["--user", "yan", "logout"]).await;
+    let err = env.fails(&["whoami"]).await;
+    assert!(err.contains("not logged in"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_windows_reserved_name_says_so_and_how_to_rename() {
+    let env = Env::new().await;
+    logged_in(&env, "win").await;
+    write_file(env.work.path(), "aux.txt", b"x");
+    let err = env.fails(&["put", "aux.txt"]).await;
+    assert!(
+        err.contains("Windows") && err.contains("netdisk put aux.txt NEW-NAME"),
+        "{err}"
+    );
+    write_file(env.work.path(), "notes.", b"n");
+    let err = env.fails(&["put", "notes."]).await;
+    assert!(
+        err.contains("Windows") && err.contains("netdisk put notes. NEW-NAME"),
+        "{err}"
+    );
+    env.ok(&["put", "aux.txt", "my-aux.txt"]).await;
+    assert_eq!(
+        std::fs::read(env.server.user_file("win", "my-aux.txt")).unwrap(),
+        b"x"
+    );
 }

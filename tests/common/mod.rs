@@ -386,6 +386,8 @@ fn http_request(addr: &str, method: &str, path: &str) -> String {
     let mut response = String::new();
     let _ = stream.read_to_string(&mut response);
     response.lines().next().unwrap_or_default().to_string()
+}
+
 /// A program on a pseudo-terminal, as a person runs it: type into it and wait (bounded)
 /// for what it prints. It gets its own session with the terminal as the controlling one,
 /// so Ctrl-C (`\x03`) sends it SIGINT as at a real terminal.
