@@ -122,6 +122,17 @@ pub fn file_system_of(path: &Path) -> Option<String> {
 }
 
 /// Raise the soft open-files limit to the hard one (1,000 clients in one process).
+/// The hard open-files limit (what any process of this user can raise its own to).
+pub fn hard_fd_limit() -> u64 {
+    // SAFETY: rlimit is plain old data.
+    let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a local.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return 0;
+    }
+    limit.rlim_max as u64
+}
+
 pub fn raise_fd_limit(wanted: u64) -> u64 {
     // SAFETY: rlimit is plain old data.
     let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
