@@ -1714,7 +1714,7 @@ fn verify_commit(
 }
 
 /// Requests of this many files are in flight at once in `put_many` / `get_many`.
-pub const PIPELINE_WINDOW: usize = 32;
+pub const PIPELINE_WINDOW: usize = 64;
 
 /// Files up to this size are read whole and pipelined by `put_many`.
 const SMALL_FILE: u64 = 1024 * 1024;

@@ -17,10 +17,16 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const MAX_HEADER_LEN: usize = 64 * 1024;
 /// Size of the blocks file bodies move in: large enough for few system calls.
 pub const IO_BUFFER_SIZE: usize = 256 * 1024;
-/// Buffer of a connection for headers and small replies. Body blocks of
+/// A connection's input buffer, for headers and small bodies. Body blocks of
 /// [`IO_BUFFER_SIZE`] bypass it, so it stays small: memory per connection matters with
-/// thousands of clients.
-const CONNECTION_BUFFER_SIZE: usize = 64 * 1024;
+/// thousands of clients (and with hundreds of uploads, each of which fills it).
+const READ_BUFFER_SIZE: usize = 16 * 1024;
+/// A connection's output buffer. The server keeps acknowledgments here until they are
+/// durable and settles them before more than [`MAX_HELD_REPLIES`] wait, so it must hold
+/// that much plus the largest reply written without settling first (a few KiB).
+const WRITE_BUFFER_SIZE: usize = 32 * 1024;
+/// Bytes of replies that may wait in the output buffer for a group commit.
+pub const MAX_HELD_REPLIES: usize = 16 * 1024;
 
 /// A byte stream the protocol can run over (plain TCP today, TLS later).
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -372,8 +378,8 @@ impl Connection {
         let boxed: Box<dyn Stream> = Box::new(stream);
         Connection {
             stream: BufReader::with_capacity(
-                CONNECTION_BUFFER_SIZE,
-                BufWriter::with_capacity(CONNECTION_BUFFER_SIZE, boxed),
+                READ_BUFFER_SIZE,
+                BufWriter::with_capacity(WRITE_BUFFER_SIZE, boxed),
             ),
             stall_timeout: None,
         }

@@ -30,7 +30,7 @@ use crate::names::check_user_name;
 use crate::protocol::{
     parse_request, AuthReply, CommitReply, Connection, Done, EntryType, FileEntry, GetReply,
     HelloReply, ListReply, PartialEntry, PutReply, Request, RmReply, UsageReply, UserReply,
-    VersionEntry, VersionsReply, MAX_LIST_PAGE, PROTOCOL_VERSION,
+    VersionEntry, VersionsReply, MAX_HELD_REPLIES, MAX_LIST_PAGE, PROTOCOL_VERSION,
 };
 use crate::scram::{self, ServerFirst, Verifier};
 use crate::sessions::SessionStore;
@@ -40,7 +40,7 @@ use crate::storage::{
 };
 use crate::throttle::{LoginAttempt, LoginThrottle};
 use crate::tls::{self, ServerTls};
-use crate::transfer::BufferPool;
+use crate::transfer::{BufferLease, BufferPool};
 use crate::users::{now_iso8601, unix_seconds, UserRecord, UserTable, UserTableError};
 
 /// Most acknowledgments held back for one group commit.
@@ -592,6 +592,8 @@ struct Handler {
     passwd: Option<ScramExchange>,
     /// Commits whose acknowledgments wait in the output buffer until they are durable.
     unsynced: Vec<Durable>,
+    /// Quota reservations of those commits (their files count once they are named).
+    held_reservations: Vec<Reservation>,
     /// Body bytes the current request announced and no one has read yet.
     body_left: u64,
     /// Becomes true when the server shuts down: an idle connection closes then.
@@ -617,6 +619,7 @@ impl Handler {
             passwd: None,
             upload: None,
             unsynced: Vec::new(),
+            held_reservations: Vec::new(),
             body_left: 0,
             stopping,
         }
@@ -671,7 +674,7 @@ impl Handler {
                 Ok(len) => {
                     // Acknowledgments waiting for durability must not be pushed out by a
                     // buffer filling up with later replies: settle them first.
-                    if !self.unsynced.is_empty() && self.conn.pending_output() > 16 * 1024 {
+                    if !self.unsynced.is_empty() && self.conn.pending_output() > MAX_HELD_REPLIES {
                         if let Err(e) = self.settle().await {
                             error!(peer = %self.peer, error = %e, "group commit failed; closing");
                             break;
@@ -761,6 +764,8 @@ impl Handler {
                 }
             }
         }
+        // Commits not yet durable are finished (a batch does not wait for a later one).
+        let _ = self.settle().await;
         // Writes still running on the upload finish before its name is free again.
         if let Some(mut active) = self.upload.take() {
             let _ = active.upload.finish_writes().await;
@@ -792,10 +797,15 @@ impl Handler {
     /// Wait until every commit acknowledged in the output buffer is durable (implementations
     /// share one flush among many commits: group commit).
     async fn settle(&mut self) -> Result<()> {
-        for durable in std::mem::take(&mut self.unsynced) {
-            durable.wait().await?;
+        let settled = async {
+            for durable in std::mem::take(&mut self.unsynced) {
+                durable.wait().await?;
+            }
+            Ok(())
         }
-        Ok(())
+        .await;
+        self.held_reservations.clear();
+        settled
     }
 
     async fn apply(&mut self, request: Request) -> Result<Outcome> {
@@ -1396,14 +1406,30 @@ impl Handler {
     /// the upload fails, the rest of the body is skipped so the connection stays in step.
     async fn receive_into(&mut self, upload: &mut Box<dyn Upload>, len: u64) -> Result<()> {
         let mut remaining = len;
+        // Leases of the pool buffers this upload holds (the one being filled, the one
+        // being written).
+        let mut leases = Vec::with_capacity(2);
         while remaining > 0 {
             self.conn.wait_readable().await?;
-            let mut buf = self.shared.buffers.get();
+            let (mut buf, lease) = match self.shared.buffers.try_get() {
+                Some(taken) => taken,
+                None => {
+                    // All buffers are out: give back the one being written before waiting,
+                    // so uploads never wait on each other's held buffers.
+                    upload.finish_writes().await?;
+                    leases.clear();
+                    self.shared.buffers.get().await
+                }
+            };
+            leases.push(lease);
             let want = buf.len().min(remaining as usize);
             let n = self.conn.read_body_available(&mut buf[..want]).await?;
             remaining -= n as u64;
             match upload.write(buf, n).await {
-                Ok(Some(done)) => self.shared.buffers.put(done),
+                Ok(Some(done)) => {
+                    self.shared.buffers.put(done);
+                    leases.pop();
+                }
                 Ok(None) => {}
                 Err(e) => {
                     self.conn.skip_body(remaining).await?;
@@ -1449,7 +1475,10 @@ impl Handler {
             _reservation: reservation,
         } = active;
         let committed = upload.commit(&digest, chunks).await?;
-        drop(reservation); // the file itself counts now
+        // Awaited before the acknowledgment leaves (and when the connection ends). The
+        // reservation lasts until then: a batched file counts once it has its name.
+        self.unsynced.push(committed.durable);
+        self.held_reservations.extend(reservation);
         let mut pruned = 0;
         if let (Some(quota), Some(user)) = (self.shared.config.quota, self.user.clone()) {
             // The replaced file became a version: old versions make room for it.
@@ -1463,7 +1492,6 @@ impl Handler {
                 pruned = count;
             }
         }
-        self.unsynced.push(committed.durable);
         self.conn
             .write_ok(&CommitReply {
                 size: committed.size,
@@ -1513,14 +1541,18 @@ impl Handler {
     /// current one is sent. A reader that stops reading blocks only this task.
     async fn send_file(&mut self, file: Arc<dyn FileRead>, offset: u64, len: u64) -> Result<()> {
         let end = offset + len;
-        let read = |at: u64, buffers: &BufferPool| {
+        let read = |at: u64, (buf, lease): (Vec<u8>, BufferLease)| {
             let file = file.clone();
-            let buf = buffers.get();
-            tokio::spawn(async move { file.read_at(at, buf).await })
+            let task = tokio::spawn(async move { file.read_at(at, buf).await });
+            (task, lease)
         };
         let mut at = offset;
-        let mut next = (at < end).then(|| read(at, &self.shared.buffers));
-        while let Some(pending) = next.take() {
+        let mut next = if at < end {
+            Some(read(at, self.shared.buffers.get().await))
+        } else {
+            None
+        };
+        while let Some((pending, lease)) = next.take() {
             let (buf, n) = pending
                 .await
                 .map_err(|e| Error::remote(ErrorCode::Internal, e.to_string()))??;
@@ -1529,12 +1561,17 @@ impl Handler {
                 return Err(Error::Invalid("the file shrank while it was sent".into()));
             }
             at += n as u64;
+            // Read ahead while this block is sent, if a buffer is free now; else after.
             if at < end {
-                next = Some(read(at, &self.shared.buffers));
+                next = self.shared.buffers.try_get().map(|taken| read(at, taken));
             }
             let sent = self.conn.write_body(&buf[..n]).await;
             self.shared.buffers.put(buf);
+            drop(lease);
             sent?;
+            if at < end && next.is_none() {
+                next = Some(read(at, self.shared.buffers.get().await));
+            }
         }
         Ok(())
     }

@@ -4,7 +4,9 @@
 //! runs on a blocking thread. A few large buffers circulate between the two, so disk IO,
 //! hashing and socket IO overlap and no buffer is allocated per chunk.
 
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::{Error, ErrorCode, Result};
 use crate::protocol::{Connection, IO_BUFFER_SIZE};
@@ -145,27 +147,62 @@ async fn join<T>(worker: tokio::task::JoinHandle<Result<T>>) -> Result<T> {
 
 /// Body buffers shared by all transfers of a server: a transfer takes one only when bytes
 /// are ready to move and gives it back right after, so idle or stalled transfers hold
-/// none, and buffers are reused rather than allocated per block.
-#[derive(Default)]
+/// none, and buffers are reused rather than allocated per block. At most
+/// [`POOL_MAX_BUFFERS`] are out at once (a cap on the server's body memory, however many
+/// transfers run): a transfer that finds none free waits for one.
 pub struct BufferPool {
     idle: Mutex<Vec<Vec<u8>>>,
+    out: Arc<Semaphore>,
 }
 
-/// Idle buffers kept for reuse (16 MiB); more are freed.
-const POOL_IDLE_MAX: usize = 64;
+/// Buffers out at once, all transfers together (16 MiB of 256 KiB): enough to keep the
+/// disk and the sockets busy; concurrent transfers share them.
+pub const POOL_MAX_BUFFERS: usize = 64;
+
+/// The right to hold one pool buffer; dropping it lets another transfer take one.
+pub type BufferLease = OwnedSemaphorePermit;
+
+impl Default for BufferPool {
+    fn default() -> BufferPool {
+        BufferPool {
+            idle: Mutex::default(),
+            out: Arc::new(Semaphore::new(POOL_MAX_BUFFERS)),
+        }
+    }
+}
 
 impl BufferPool {
-    pub fn get(&self) -> Vec<u8> {
+    /// A buffer, waiting while [`POOL_MAX_BUFFERS`] are out. A caller that already holds
+    /// a lease must not wait here (use [`BufferPool::try_get`]) or transfers could wait
+    /// for each other.
+    pub async fn get(&self) -> (Vec<u8>, BufferLease) {
+        let lease = self
+            .out
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the pool's semaphore is never closed");
+        (self.take(), lease)
+    }
+
+    /// A buffer if one is free now.
+    pub fn try_get(&self) -> Option<(Vec<u8>, BufferLease)> {
+        let lease = self.out.clone().try_acquire_owned().ok()?;
+        Some((self.take(), lease))
+    }
+
+    fn take(&self) -> Vec<u8> {
         let reused = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
         reused.unwrap_or_else(|| vec![0u8; IO_BUFFER_SIZE])
     }
 
+    /// Give a buffer back for reuse (its lease is dropped separately).
     pub fn put(&self, buf: Vec<u8>) {
         if buf.len() != IO_BUFFER_SIZE {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < POOL_IDLE_MAX {
+        if idle.len() < POOL_MAX_BUFFERS {
             idle.push(buf);
         }
     }

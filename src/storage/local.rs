@@ -23,7 +23,6 @@ use std::io::{self, Seek, SeekFrom, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -55,6 +54,12 @@ const GROUP_COMMIT_FILE_MAX: u64 = 1024 * 1024;
 const CONCURRENT_SCANS: usize = 16;
 /// Scans of one user at once: one user's huge folder never makes the others wait.
 const CONCURRENT_SCANS_PER_USER: usize = 2;
+
+/// A resumable upload's chunk records are written in batches: after at least this many
+/// bytes of complete chunks, their data is fsynced and then their hashes recorded, on a
+/// thread of its own while the upload goes on (and at the end of each `put_data`). So the
+/// record trails the data, never leads it, and no write waits for a per-chunk fsync.
+const CHECKPOINT_BYTES: u64 = 16 * 1024 * 1024;
 
 /// The `.hashes` entry of a chunk that must be sent again.
 const MISSING_CHUNK: ChunkHash = [0; 32];
@@ -92,6 +97,9 @@ struct Inner {
     group: Arc<GroupCommit>,
     /// Usage per user, dropped on every change of that user's files.
     usage: Mutex<HashMap<String, Usage>>,
+    /// Complete listings of small folders, per user, dropped on every change of that user's
+    /// files: most `ls` then need no blocking task, folder scan or stats.
+    listings: Mutex<Listings>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -117,10 +125,11 @@ impl LocalStorage {
                 uploading: Arc::default(),
                 group: Arc::new(GroupCommit {
                     root: root.to_path_buf(),
-                    started: AtomicU64::new(0),
-                    synced: tokio::sync::Mutex::new(0),
+                    queue: Mutex::default(),
+                    running: tokio::sync::Mutex::new(()),
                 }),
                 usage: Mutex::default(),
+                listings: Mutex::default(),
             }),
             scans: tokio::sync::Semaphore::new(CONCURRENT_SCANS),
             user_scans: Mutex::default(),
@@ -183,11 +192,39 @@ impl Storage for LocalStorage {
     }
 
     async fn list(&self, user: &str, dir: &str, after: Option<&str>, limit: usize) -> Result<Page> {
-        let (user, dir, after) = (user.to_string(), dir.to_string(), after.map(String::from));
-        self.scan(&user.clone(), move |inner| {
-            inner.list(&user, &dir, after.as_deref(), limit.max(1))
-        })
-        .await
+        let dir = split_path(dir)?.join("/");
+        let limit = limit.max(1);
+        let generation = {
+            let listings = self.inner.listings.lock().unwrap();
+            if let Some(entries) = listings.get(user, &dir) {
+                return Ok(page_of(entries, after, limit));
+            }
+            listings.generation(user)
+        };
+        // A first page as large as a cached listing may be: if it is the whole folder, it
+        // is kept (unless the folder changed meanwhile).
+        let first = after.is_none();
+        let want = if first { LISTING_CACHE_ENTRIES } else { limit };
+        let (owner, folder, after) = (user.to_string(), dir.clone(), after.map(String::from));
+        let page = self
+            .scan(user, move |inner| {
+                inner.list(&owner, &folder, after.as_deref(), want)
+            })
+            .await?;
+        if !first {
+            return Ok(page);
+        }
+        let entries = Arc::new(page.entries);
+        if page.next.is_none() {
+            let mut listings = self.inner.listings.lock().unwrap();
+            listings.insert(user, &dir, generation, entries.clone());
+        } else if entries.len() <= limit {
+            return Ok(Page {
+                entries: Arc::unwrap_or_clone(entries),
+                next: page.next,
+            });
+        }
+        Ok(page_of(&entries, None, limit))
     }
 
     async fn stat(&self, user: &str, path: &str) -> Result<Entry> {
@@ -283,36 +320,141 @@ impl Storage for LocalStorage {
     }
 }
 
-/// Group commit: a commit made durable "later" takes a ticket (the number of syncs
-/// started so far); it is durable once a sync that started after its ticket has finished.
-/// Whoever waits first runs the sync; everyone who committed before it started shares it.
-struct GroupCommit {
-    root: PathBuf,
-    started: AtomicU64,
-    /// Number of the last finished sync (syncs are numbered from 1 as they start).
-    synced: tokio::sync::Mutex<u64>,
+/// Folders of at most this many entries have their listing cached.
+const LISTING_CACHE_ENTRIES: usize = 1000;
+/// Folders cached at most, all users together (then the cache starts over).
+const LISTING_CACHE_FOLDERS: usize = 4096;
+
+/// Cached complete listings of small folders. Each user has a generation, bumped on every
+/// change of their files: a listing read before a change is never cached after it.
+#[derive(Default)]
+struct Listings {
+    /// user → folder → its entries, sorted by name.
+    users: HashMap<String, HashMap<String, Arc<Vec<Entry>>>>,
+    folders: usize,
+    generations: HashMap<String, u64>,
 }
 
-impl GroupCommit {
-    fn ticket(&self) -> u64 {
-        self.started.load(Ordering::SeqCst)
+impl Listings {
+    fn get(&self, user: &str, dir: &str) -> Option<&Arc<Vec<Entry>>> {
+        self.users.get(user)?.get(dir)
     }
 
-    async fn wait(self: Arc<Self>, ticket: u64) -> Result<()> {
-        let mut synced = self.synced.lock().await;
-        if *synced > ticket {
-            return Ok(());
+    fn generation(&self, user: &str) -> u64 {
+        self.generations.get(user).copied().unwrap_or(0)
+    }
+
+    fn insert(&mut self, user: &str, dir: &str, generation: u64, entries: Arc<Vec<Entry>>) {
+        if self.generation(user) != generation {
+            return;
         }
-        let number = self.started.fetch_add(1, Ordering::SeqCst) + 1;
-        let root = self.root.clone();
-        blocking(move || {
-            let dir = File::open(&root)?;
-            // syncfs: one flush of the file system for every file and rename of the batch.
-            rustix::fs::syncfs(&dir).map_err(|e| fsat::error(e, ""))
-        })
-        .await?;
-        *synced = number;
-        Ok(())
+        if self.folders >= LISTING_CACHE_FOLDERS {
+            self.users.clear();
+            self.folders = 0;
+        }
+        let folders = self.users.entry(user.to_string()).or_default();
+        if folders.insert(dir.to_string(), entries).is_none() {
+            self.folders += 1;
+        }
+    }
+
+    fn forget(&mut self, user: &str) {
+        *self.generations.entry(user.to_string()).or_insert(0) += 1;
+        if let Some(folders) = self.users.remove(user) {
+            self.folders -= folders.len();
+        }
+    }
+}
+
+/// One page of a complete, sorted listing.
+fn page_of(entries: &[Entry], after: Option<&str>, limit: usize) -> Page {
+    let start = after.map_or(0, |after| {
+        entries.partition_point(|e| e.name.as_str() <= after)
+    });
+    let rest = &entries[start..];
+    let page = &rest[..rest.len().min(limit)];
+    Page {
+        entries: page.to_vec(),
+        next: (rest.len() > limit).then(|| page[page.len() - 1].name.clone()),
+    }
+}
+
+/// Group commit of small uploads, in two phases: their bytes are written without an fsync
+/// each; then one `syncfs` makes every queued upload's bytes durable, all are renamed to
+/// their names, and a second `syncfs` makes the renames durable. A file never has its name
+/// before its bytes are on disk, and each commit is acknowledged only after the second
+/// sync. Whoever waits first runs the batch; everyone queued before it started shares it.
+struct GroupCommit {
+    root: PathBuf,
+    queue: Mutex<Vec<Placement>>,
+    /// Held while a batch runs: one batch at a time.
+    running: tokio::sync::Mutex<()>,
+}
+
+/// A verified upload waiting for its name, and where its outcome goes.
+struct Placement {
+    state: Arc<Mutex<UploadState>>,
+    placed: tokio::sync::oneshot::Sender<Result<()>>,
+}
+
+type Placed = tokio::sync::oneshot::Receiver<Result<()>>;
+
+impl GroupCommit {
+    fn enqueue(&self, state: Arc<Mutex<UploadState>>) -> Placed {
+        let (placed, outcome) = tokio::sync::oneshot::channel();
+        self.queue.lock().unwrap().push(Placement { state, placed });
+        outcome
+    }
+
+    async fn wait(self: Arc<Self>, inner: Arc<Inner>, mut placed: Placed) -> Result<()> {
+        use tokio::sync::oneshot::error::TryRecvError;
+        loop {
+            let _running = self.running.lock().await;
+            match placed.try_recv() {
+                Ok(outcome) => return outcome,
+                Err(TryRecvError::Closed) => {
+                    return Err(Error::remote(ErrorCode::Internal, "group commit lost"))
+                }
+                Err(TryRecvError::Empty) => {}
+            }
+            let batch = std::mem::take(&mut *self.queue.lock().unwrap());
+            let (root, inner) = (self.root.clone(), inner.clone());
+            blocking(move || {
+                place_batch(&root, &inner, batch);
+                Ok(())
+            })
+            .await?;
+        }
+    }
+}
+
+/// Phase one `syncfs`, the renames, phase two `syncfs`; each upload learns its outcome.
+fn place_batch(root: &Path, inner: &Inner, batch: Vec<Placement>) {
+    let sync = || -> std::result::Result<(), String> {
+        let dir = File::open(root).map_err(|e| e.to_string())?;
+        rustix::fs::syncfs(&dir).map_err(|e| format!("syncfs: {e}"))
+    };
+    let bytes_durable = sync();
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for Placement { state, placed } in batch {
+        let outcome = match &bytes_durable {
+            Ok(()) => {
+                let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+                state.place(inner, &[])
+            }
+            Err(e) => Err(Error::remote(ErrorCode::Internal, e.clone())),
+        };
+        drop(state); // its upload lock too, once named
+        outcomes.push((placed, outcome));
+    }
+    let names_durable = sync();
+    for (placed, outcome) in outcomes {
+        let outcome = outcome.and_then(|()| {
+            names_durable
+                .clone()
+                .map_err(|e| Error::remote(ErrorCode::Internal, e))
+        });
+        let _ = placed.send(outcome);
     }
 }
 
@@ -351,8 +493,10 @@ impl Inner {
         Ok((dir, name))
     }
 
-    fn forget_usage(&self, user: &str) {
+    /// After any change of `user`'s files: drop what is cached about them.
+    fn forget_cached(&self, user: &str) {
         self.usage.lock().unwrap().remove(user);
+        self.listings.lock().unwrap().forget(user);
     }
 
     fn busy_under(&self, user: &str, path: &str) -> Result<()> {
@@ -516,8 +660,11 @@ impl Inner {
                 (data, Some(hashes), chunks)
             }
             None if deferred => {
-                // Only the data file: creating files is most of a small upload's cost.
-                paths.remove();
+                // Only the data file (created or truncated): creating files is most of a
+                // small upload's cost. A resumable upload staged for this path is replaced.
+                if paths.info.exists() {
+                    paths.remove();
+                }
                 (create_file(&paths.data)?, None, Vec::new())
             }
             None => {
@@ -536,7 +683,7 @@ impl Inner {
             }
         };
         if !deferred {
-            self.forget_usage(user); // a staged upload counts toward usage
+            self.forget_cached(user); // a staged upload counts toward usage
         }
         let offset = (chunks.len() as u64 * CHUNK_SIZE).min(size);
         let missing = (0..chunks.len() as u64)
@@ -544,15 +691,14 @@ impl Inner {
             .collect();
         let mut data = data;
         data.seek(SeekFrom::Start(offset))?;
-        let mut hashes = hashes;
-        if let Some(hashes) = hashes.as_mut() {
-            hashes.seek(SeekFrom::End(0))?;
-        }
         Ok(UploadState {
             user: user.to_string(),
             path: canonical,
             size,
             received: offset,
+            recorded: chunks.len() as u64,
+            unrecorded: Vec::new(),
+            checkpoint: None,
             data,
             hashes,
             hasher: ChunkHasher::resume(chunks),
@@ -598,7 +744,7 @@ impl Inner {
         match read_partial_info(&paths.info) {
             Ok(info) if info.name == canonical => {
                 paths.remove();
-                self.forget_usage(user);
+                self.forget_cached(user);
                 Ok(())
             }
             _ => Err(Error::remote(
@@ -623,6 +769,7 @@ impl Inner {
             Err(e) => return Err(fsat::error(e, path)),
         }
         rustix::fs::fsync(&dir).map_err(|e| fsat::error(e, path))?;
+        self.forget_cached(user);
         Ok(())
     }
 
@@ -662,7 +809,7 @@ impl Inner {
             _ => return Err(fsat::error(Errno::NOENT, path)),
         };
         rustix::fs::fsync(&dir).map_err(|e| fsat::error(e, path))?;
-        self.forget_usage(user);
+        self.forget_cached(user);
         Ok(removed)
     }
 
@@ -728,7 +875,7 @@ impl Inner {
                 let _ = fs::rename(old, new);
             }
         }
-        self.forget_usage(user);
+        self.forget_cached(user);
         Ok(())
     }
 
@@ -896,7 +1043,7 @@ impl Inner {
                 let _ = fs::remove_file(meta);
             }
         }
-        self.forget_usage(user);
+        self.forget_cached(user);
         Ok(())
     }
 
@@ -935,7 +1082,7 @@ impl Inner {
             count += 1;
         }
         if count > 0 {
-            self.forget_usage(user);
+            self.forget_cached(user);
         }
         Ok((count, freed))
     }
@@ -992,7 +1139,7 @@ impl Inner {
                     // An upload in progress is never expired under its sender.
                     if let Ok(_lock) = UploadLock::take(&self.uploading, &user, &info.name) {
                         PartialPaths::from_info(&path).remove();
-                        self.forget_usage(&user);
+                        self.forget_cached(&user);
                         expired.partials += 1;
                     }
                 }
@@ -1011,7 +1158,7 @@ impl Inner {
                 if id_time(&id) < oldest {
                     if let Ok(dir) = fsat::open_dir(&versions, &key) {
                         delete_version(&dir, &id, kind)?;
-                        self.forget_usage(&user);
+                        self.forget_cached(&user);
                         expired.versions += 1;
                     }
                 }
@@ -1023,7 +1170,7 @@ impl Inner {
     fn retire_user(&self, user: &str) -> Result<Option<String>> {
         // The same move as `netdisk admin delete`, so both leave the same layout.
         let moved = crate::admin::move_user_data_aside(&self.root, user)?;
-        self.forget_usage(user);
+        self.forget_cached(user);
         Ok(moved.map(|place| place.display().to_string()))
     }
 }
@@ -1153,6 +1300,12 @@ struct UploadState {
     data: File,
     /// The `.hashes` record (none for batched uploads).
     hashes: Option<File>,
+    /// Chunk entries in `.hashes` (recorded or being recorded by `checkpoint`).
+    recorded: u64,
+    /// Hashes of appended complete chunks not recorded yet (their bytes may not be durable).
+    unrecorded: Vec<ChunkHash>,
+    /// A checkpoint running in the background: fsync the data, then record chunks.
+    checkpoint: Option<std::thread::JoinHandle<io::Result<()>>>,
     /// Hashes of the staged chunks ([`MISSING_CHUNK`] for missing ones), continued by appends.
     hasher: ChunkHasher,
     /// Chunks (indices) to be sent again; their `.hashes` entries are zeros.
@@ -1231,7 +1384,11 @@ impl Upload for LocalUpload {
         if let Some(write) = self.inflight.take() {
             join(write).await?;
         }
-        Ok(())
+        if !self.state().needs_checkpoint() {
+            return Ok(()); // batched uploads keep no record: no blocking hop
+        }
+        let state = self.state.clone();
+        blocking(move || state.lock().unwrap_or_else(|e| e.into_inner()).checkpoint()).await
     }
 
     async fn commit(
@@ -1249,9 +1406,8 @@ impl Upload for LocalUpload {
         })
         .await?;
         let durable = if deferred {
-            let group = self.inner.group.clone();
-            let ticket = group.ticket();
-            Durable::later(group.wait(ticket))
+            let placed = self.inner.group.enqueue(self.state.clone());
+            Durable::later(self.inner.group.clone().wait(self.inner.clone(), placed))
         } else {
             Durable::done()
         };
@@ -1344,13 +1500,68 @@ impl UploadState {
         {
             done.extend(self.hasher.clone().finish_chunks().last());
         }
-        // Record each finished chunk's hash once its bytes are durable, so a resume, even
-        // after a power cut, never trusts a chunk whose bytes are not on disk.
-        if let Some(hashes) = self.hashes.as_mut().filter(|_| !done.is_empty()) {
-            self.data.sync_data().map_err(storage_error)?;
-            for hash in &done {
-                hashes.write_all(hash).map_err(storage_error)?;
+        // Each finished chunk's hash is recorded once its bytes are durable (a checkpoint),
+        // so a resume, even after a power cut, never trusts a chunk not on disk.
+        if self.hashes.is_some() && !done.is_empty() {
+            let first = self.recorded + self.unrecorded.len() as u64;
+            self.unrecorded.extend(done);
+            let end = self.recorded + self.unrecorded.len() as u64;
+            // Start writing the finished chunks back now, so later fsyncs find little left.
+            start_writeback(&self.data, first * CHUNK_SIZE, (end - first) * CHUNK_SIZE);
+            if self.unrecorded.len() as u64 * CHUNK_SIZE >= CHECKPOINT_BYTES {
+                self.start_checkpoint()?;
             }
+        }
+        Ok(())
+    }
+
+    /// Record the unrecorded chunks on a thread of its own (fsync the data first), unless
+    /// the previous checkpoint is still running: then at a later chunk.
+    fn start_checkpoint(&mut self) -> Result<()> {
+        if self.checkpoint.as_ref().is_some_and(|c| !c.is_finished()) {
+            return Ok(());
+        }
+        self.join_checkpoint()?;
+        let Some(hashes) = &self.hashes else {
+            return Ok(());
+        };
+        let (data, hashes) = (self.data.try_clone()?, hashes.try_clone()?);
+        let records = std::mem::take(&mut self.unrecorded).concat();
+        let at = self.recorded * 32;
+        self.recorded += records.len() as u64 / 32;
+        self.checkpoint = Some(std::thread::spawn(move || {
+            data.sync_data()?;
+            hashes.write_all_at(&records, at)
+        }));
+        Ok(())
+    }
+
+    fn join_checkpoint(&mut self) -> Result<()> {
+        match self.checkpoint.take().map(|c| c.join()) {
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(storage_error(e)),
+            Some(Err(_)) => Err(Error::remote(
+                ErrorCode::Internal,
+                "checkpoint thread panicked",
+            )),
+        }
+    }
+
+    fn needs_checkpoint(&self) -> bool {
+        self.checkpoint.is_some() || !self.unrecorded.is_empty()
+    }
+
+    /// Make every appended chunk durable and recorded (the end of a `put_data`, or a cut):
+    /// a resume then continues after the last byte received.
+    fn checkpoint(&mut self) -> Result<()> {
+        self.join_checkpoint()?;
+        if let Some(hashes) = self.hashes.as_ref().filter(|_| !self.unrecorded.is_empty()) {
+            self.data.sync_data().map_err(storage_error)?;
+            let records = std::mem::take(&mut self.unrecorded).concat();
+            hashes
+                .write_all_at(&records, self.recorded * 32)
+                .map_err(storage_error)?;
+            self.recorded += records.len() as u64 / 32;
         }
         Ok(())
     }
@@ -1413,6 +1624,8 @@ impl UploadState {
                 ),
             ));
         }
+        // A background fsync's error is reported once, to it: it must not be lost here.
+        self.join_checkpoint()?;
         // The server's own hashes of the bytes it holds decide; the sender's chunk hashes
         // only say which chunks to keep after a mismatch.
         let mut chunks = std::mem::take(&mut self.hasher).finish_chunks();
@@ -1425,10 +1638,26 @@ impl UploadState {
         if !digest.eq_ignore_ascii_case(&actual) {
             return Err(self.keep_matching(&chunks, digest, sent));
         }
-        // The bytes are durable before the file takes its name, even in a batch: a power
-        // cut must never leave a short file under a real name. Only the folder's fsync
-        // (the rename itself) is left to the batch's shared sync.
+        if self.deferred {
+            // Named later by the group commit, after one sync of the batch's bytes; a
+            // folder in the way is refused now.
+            let components = split_path(&self.path)?;
+            let (dir, name) = inner.parent_of(&self.user, &components, &self.path, true)?;
+            if fsat::stat(&dir, name).is_ok_and(|s| fsat::kind(&s) == FileType::Directory) {
+                return Err(fsat::error(Errno::ISDIR, &self.path));
+            }
+            return Ok((self.size, actual, true));
+        }
+        // The bytes are durable before the file takes its name: a power cut must never
+        // leave a short file under a real name.
         self.data.sync_data().map_err(storage_error)?;
+        self.place(inner, &chunks)?;
+        Ok((self.size, actual, false))
+    }
+
+    /// Give the staged file its name: the file there becomes a version, the rename replaces
+    /// it in one step. The bytes must be durable already.
+    fn place(&mut self, inner: &Inner, chunks: &[ChunkHash]) -> Result<()> {
         let components = split_path(&self.path)?;
         let (dir, name) = inner.parent_of(&self.user, &components, &self.path, true)?;
         if let Ok(stat) = fsat::stat(&dir, name) {
@@ -1452,18 +1681,20 @@ impl UploadState {
             rustix::fs::fsync(&dir).map_err(|e| fsat::error(e, &self.path))?;
         }
         // The cache is only an optimisation (a failure costs a re-hash later), and only
-        // worth a file for files of several chunks.
+        // worth a file for files of several chunks (never a batched one).
         if chunks.len() > 1 {
             if let (Ok(meta), Ok(meta_path)) = (
                 self.data.metadata(),
                 inner.meta_path(&self.user, &self.path),
             ) {
-                let _ = write_meta(&meta_path, &FileStamp::of(&meta), &chunks);
+                let _ = write_meta(&meta_path, &FileStamp::of(&meta), chunks);
             }
         }
-        self.paths.remove();
-        inner.forget_usage(&self.user);
-        Ok((self.size, actual, self.deferred))
+        if !self.deferred {
+            self.paths.remove(); // a batched upload has only its data file, renamed now
+        }
+        inner.forget_cached(&self.user);
+        Ok(())
     }
 
     /// After a failed commit: keep the staged chunks that match the sender's hashes and
@@ -1751,6 +1982,21 @@ fn internal(area: &str, e: Errno) -> Error {
             Error::remote(ErrorCode::NoSpace, "the server's disk is full")
         }
         e => Error::remote(ErrorCode::Internal, format!("storage error ({area}): {e}")),
+    }
+}
+
+/// Start writing `len` bytes of `file` at `offset` back to disk without waiting for it
+/// (a hint: an error shows up in the fsync that follows).
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid open descriptor; the call only schedules writeback.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
     }
 }
 
