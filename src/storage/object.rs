@@ -820,6 +820,7 @@ impl Storage for ObjectStorage {
             modified: modified(&meta),
             etag: meta.etag().map(str::to_string),
             chunks: Vec::new(),
+            block: tokio::sync::Mutex::new((0, Vec::new())),
         };
         file.chunks = match self.inner.read_manifest(user, &path, &stamp).await {
             Some(chunks) if chunks.len() as u64 == file.size.div_ceil(CHUNK_SIZE) => chunks,
@@ -1299,7 +1300,13 @@ struct ObjectFile {
     modified: SystemTime,
     etag: Option<String>,
     chunks: Vec<ChunkHash>,
+    /// The last block fetched (offset, bytes): the server reads 256 KiB at a time, and one
+    /// request per 256 KiB would make every download a few thousand round trips per GiB.
+    block: tokio::sync::Mutex<(u64, Vec<u8>)>,
 }
+
+/// Bytes fetched per ranged GET of a download (one such block is held per open file).
+const READ_BLOCK: u64 = 8 * 1024 * 1024;
 
 impl ObjectFile {
     async fn read_range(&self, offset: u64, len: u64) -> Result<opendal::Buffer> {
@@ -1352,12 +1359,20 @@ impl FileRead for ObjectFile {
         if want == 0 {
             return Ok((buf, 0));
         }
-        let mut filled = 0;
-        for piece in self.read_range(offset, want as u64).await? {
-            let n = piece.len().min(want - filled);
-            buf[filled..filled + n].copy_from_slice(&piece[..n]);
-            filled += n;
+        let mut block = self.block.lock().await;
+        let (start, bytes) = &mut *block;
+        let cached = offset >= *start && offset + want as u64 <= *start + bytes.len() as u64;
+        if !cached {
+            let len = READ_BLOCK.max(want as u64).min(self.size - offset);
+            bytes.clear();
+            for piece in self.read_range(offset, len).await? {
+                bytes.extend_from_slice(&piece);
+            }
+            *start = offset;
         }
+        let from = (offset - *start) as usize;
+        let filled = want.min(bytes.len().saturating_sub(from));
+        buf[..filled].copy_from_slice(&bytes[from..from + filled]);
         if filled < want {
             return Err(Error::Invalid("the object shrank while it was read".into()));
         }
