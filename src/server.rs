@@ -302,13 +302,6 @@ impl Server {
 
 /// Open the root folder: storage areas, users.xlsx, sessions, the server secret.
 fn open_root(root: &Path, config: ServerConfig) -> Result<Shared> {
-    #[cfg(feature = "s3")]
-    if let Some(store) = &config.object_store {
-        return Err(Error::Invalid(format!(
-            "storage {}: object storage is not wired in yet",
-            store.url()
-        )));
-    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -317,7 +310,15 @@ fn open_root(root: &Path, config: ServerConfig) -> Result<Shared> {
     let users =
         UserTable::open(&root.join("users.xlsx")).map_err(|e| Error::Invalid(e.to_string()))?;
     let sessions = SessionStore::open(&root.join("sessions.json"))?;
-    let storage: Arc<dyn Storage> = Arc::new(LocalStorage::open(root, config.storage.clone())?);
+    // Files in the bucket when one is configured; users and sessions stay under ROOT.
+    let storage: Arc<dyn Storage> = match &config.object_store {
+        #[cfg(feature = "s3")]
+        Some(store) => Arc::new(crate::storage::ObjectStorage::open(
+            store,
+            config.storage.clone(),
+        )?),
+        _ => Arc::new(LocalStorage::open(root, config.storage.clone())?),
+    };
     let secret = load_or_create_secret(&root.join("server.secret"))?;
     let tls = match &config.tls {
         TlsSetting::Off => None,

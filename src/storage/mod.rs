@@ -2,7 +2,8 @@
 //!
 //! [`Storage`] speaks in domain types (paths, entries, versions, staged uploads), never in
 //! wire types, so the server maps it to the protocol and another implementation (an object
-//! store) can stand behind the same calls. [`LocalStorage`] keeps files on a local disk.
+//! store) can stand behind the same calls. [`LocalStorage`] keeps files on a local disk;
+//! `ObjectStorage` (feature `s3`) keeps them in an S3 bucket through OpenDAL.
 //!
 //! The contract every implementation keeps:
 //! - paths are relative to the user's folder, `/`-separated, each component a valid file
@@ -17,6 +18,8 @@
 
 mod fsat;
 mod local;
+#[cfg(feature = "s3")]
+mod object;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -29,6 +32,8 @@ use crate::digest::ChunkHash;
 use crate::error::Result;
 
 pub use local::{LocalStorage, StorageOptions};
+#[cfg(feature = "s3")]
+pub use object::{part_size, ObjectStorage, S3Multipart};
 
 pub use crate::names::{split_remote_path as split_path, MAX_PATH_DEPTH, MAX_PATH_LEN};
 
