@@ -327,3 +327,44 @@ async fn both_nodes_present_the_same_certificate() {
     let pem = op.read("tls/self-signed.pem").await.unwrap().to_vec();
     assert!(String::from_utf8_lossy(&pem).contains("PRIVATE KEY"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_on_the_bucket_acts_on_every_node() {
+    let Some((bucket, a, b)) = two_nodes().await else {
+        return;
+    };
+    let mut on_a = a.user("fay").await;
+    let token = on_a.login("fay", PASSWORD).await.unwrap();
+    let admin = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_netdisk"));
+        cmd.args(["admin", "--storage", &bucket.url("netdisk")])
+            .args(args)
+            .envs(bucket.env())
+            .env_remove("RUST_LOG");
+        cmd
+    };
+    let listed = run(admin(&["users", "--json"])).await;
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("\"fay\""));
+
+    let disabled = run(admin(&["disable", "fay"])).await;
+    assert!(disabled.status.success(), "{}", stderr(&disabled));
+    for node in [&a, &b] {
+        assert!(auth_failed(
+            node.client().await.login_with_token(&token).await
+        ));
+        assert!(node.client().await.login("fay", PASSWORD).await.is_err());
+    }
+    // A wrong bucket prefix is refused, not shown as an empty table.
+    let mut wrong = std::process::Command::new(env!("CARGO_BIN_EXE_netdisk"));
+    wrong
+        .args(["admin", "--storage", &bucket.url("elsewhere"), "users"])
+        .envs(bucket.env());
+    let wrong = run(wrong).await;
+    assert!(!wrong.status.success());
+    assert!(
+        stderr(&wrong).contains("no user table"),
+        "{}",
+        stderr(&wrong)
+    );
+}
