@@ -22,6 +22,11 @@ pub struct AdminArgs {
     /// Data folder of the server
     #[arg(long, env = "NETDISK_ROOT", default_value = "./netdisk-data")]
     root: PathBuf,
+    /// The servers' bucket, s3://BUCKET[/PREFIX], as given to `serve --storage`: edit the
+    /// users.xlsx there (endpoint, region and keys from the AWS_* variables)
+    #[cfg(feature = "s3")]
+    #[arg(long, env = "NETDISK_STORAGE", value_name = "URL")]
+    storage: Option<String>,
     #[command(subcommand)]
     command: AdminCommand,
 }
@@ -58,6 +63,11 @@ enum AdminCommand {
 
 pub fn run(args: AdminArgs) -> anyhow::Result<()> {
     let root = &args.root;
+    #[cfg(feature = "s3")]
+    if let Some(url) = &args.storage {
+        let table = open_bucket_table(url)?;
+        return run_on(table, args.command, None);
+    }
     let table_path = root.join("users.xlsx");
     // Opening would create an empty table: a mistyped --root must not look like "no users".
     if !table_path.is_file() {
@@ -66,12 +76,34 @@ pub fn run(args: AdminArgs) -> anyhow::Result<()> {
             table_path.display()
         );
     }
-    let table = UserTable::open(&table_path)?;
+    run_on(UserTable::open(&table_path)?, args.command, Some(root))
+}
+
+/// The users.xlsx several servers share in a bucket; refused if there is none (a mistyped
+/// URL must not look like "no users").
+#[cfg(feature = "s3")]
+fn open_bucket_table(url: &str) -> anyhow::Result<UserTable> {
+    use crate::shared_state::{BucketTable, StateBucket};
+    use crate::users::TableStore;
+    let config = crate::objstore::ObjectStoreConfig::from_url(url)?;
+    let store = BucketTable::new(StateBucket::open(&config)?);
+    if store.version()?.is_none() {
+        bail!(
+            "no user table at {}: is --storage the servers' bucket and prefix?",
+            store.location().display()
+        );
+    }
+    Ok(UserTable::open_store(Box::new(store))?)
+}
+
+/// `root`: the data folder whose files `delete` moves aside (`None`: the files are in the
+/// bucket, where a new account of the same name has them moved aside when it registers).
+fn run_on(table: UserTable, command: AdminCommand, root: Option<&Path>) -> anyhow::Result<()> {
     let known = |e: UserTableError, user: &str| match e {
         UserTableError::NoSuchUser => anyhow::anyhow!("no such user: {user}"),
         other => anyhow::Error::new(other),
     };
-    match args.command {
+    match command {
         AdminCommand::Users { json } => {
             let users = table.list();
             if json {
@@ -100,6 +132,10 @@ pub fn run(args: AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Delete { user } => {
             // The row goes first, so logins stop before the files move.
             table.remove(&user).map_err(|e| known(e, &user))?;
+            let Some(root) = root else {
+                println!("deleted {user}; their files stay in the bucket until the name is registered again (then they are moved aside)");
+                return Ok(());
+            };
             match move_user_data_aside(root, &user)
                 .with_context(|| format!("removed {user} from the table, but"))?
             {

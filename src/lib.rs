@@ -20,6 +20,8 @@
 //! - [`conncheck`]: the optional shared-secret HMAC check at connection start.
 //! - [`config`]: the client's saved logins under the user's config folder.
 //! - `objstore`: where an S3-compatible bucket is (feature `s3`, on by default).
+//! - `shared_state`: what servers on one bucket share: users.xlsx, sessions, the server
+//!   secret, the self-signed certificate (feature `s3`).
 
 pub mod admin;
 pub mod client;
@@ -37,6 +39,8 @@ pub mod rootlock;
 pub mod scram;
 pub mod server;
 pub mod sessions;
+#[cfg(feature = "s3")]
+pub mod shared_state;
 pub mod storage;
 pub mod throttle;
 pub mod tls;

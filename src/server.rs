@@ -33,7 +33,7 @@ use crate::protocol::{
     VersionEntry, VersionsReply, MAX_HELD_REPLIES, MAX_LIST_PAGE, PROTOCOL_VERSION,
 };
 use crate::scram::{self, ServerFirst, Verifier};
-use crate::sessions::SessionStore;
+use crate::sessions::{SessionStore, Sessions};
 use crate::storage::{
     canonical_path, iso8601, Durable, Entry, FileRead, Kind, LocalStorage, Storage, StorageOptions,
     Upload,
@@ -126,7 +126,8 @@ impl ServerConfig {
 /// State shared by all connections.
 struct Shared {
     users: UserTable,
-    sessions: SessionStore,
+    /// `sessions.json` in ROOT, or objects in the bucket several servers share.
+    sessions: Box<dyn Sessions>,
     storage: Arc<dyn Storage>,
     /// Server secret: derives fake SCRAM salts for unknown users.
     secret: Vec<u8>,
@@ -307,10 +308,13 @@ fn open_root(root: &Path, config: ServerConfig) -> Result<Shared> {
         .mode(0o700)
         .create(root)
         .map_err(|e| Error::Invalid(format!("cannot create {}: {e}", root.display())))?;
-    let users =
-        UserTable::open(&root.join("users.xlsx")).map_err(|e| Error::Invalid(e.to_string()))?;
-    let sessions = SessionStore::open(&root.join("sessions.json"))?;
-    // Files in the bucket when one is configured; users and sessions stay under ROOT.
+    let Accounts {
+        users,
+        sessions,
+        secret,
+        tls,
+    } = open_accounts(root, &config)?;
+    // Files in the bucket when one is configured (users, sessions, secret too: above).
     let storage: Arc<dyn Storage> = match &config.object_store {
         #[cfg(feature = "s3")]
         Some(store) => Arc::new(crate::storage::ObjectStorage::open(
@@ -318,12 +322,6 @@ fn open_root(root: &Path, config: ServerConfig) -> Result<Shared> {
             config.storage.clone(),
         )?),
         _ => Arc::new(LocalStorage::open(root, config.storage.clone())?),
-    };
-    let secret = load_or_create_secret(&root.join("server.secret"))?;
-    let tls = match &config.tls {
-        TlsSetting::Off => None,
-        TlsSetting::SelfSigned => Some(tls::server_tls(root, None)?),
-        TlsSetting::Files { cert, key } => Some(tls::server_tls(root, Some((cert, key)))?),
     };
     Ok(Shared {
         users,
@@ -337,6 +335,47 @@ fn open_root(root: &Path, config: ServerConfig) -> Result<Shared> {
         addresses: AddressCounts::default(),
         buffers: BufferPool::default(),
         config,
+    })
+}
+
+/// Who may log in and how the server proves itself: in ROOT, or (with `--storage s3://`)
+/// shared through the bucket by every server on it.
+struct Accounts {
+    users: UserTable,
+    sessions: Box<dyn Sessions>,
+    secret: Vec<u8>,
+    tls: Option<ServerTls>,
+}
+
+fn open_accounts(root: &Path, config: &ServerConfig) -> Result<Accounts> {
+    let given_tls = |setting: &TlsSetting| match setting {
+        TlsSetting::Off => Ok(None),
+        TlsSetting::SelfSigned => tls::server_tls(root, None).map(Some),
+        TlsSetting::Files { cert, key } => tls::server_tls(root, Some((cert, key))).map(Some),
+    };
+    #[cfg(feature = "s3")]
+    if let Some(store) = &config.object_store {
+        use crate::shared_state::{BucketSessions, BucketTable, StateBucket};
+        let bucket = StateBucket::open(store)?;
+        let users = UserTable::open_store(Box::new(BucketTable::new(bucket.clone())))
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        let tls = match &config.tls {
+            TlsSetting::SelfSigned => Some(bucket.self_signed_tls()?),
+            other => given_tls(other)?,
+        };
+        return Ok(Accounts {
+            users,
+            secret: bucket.secret()?,
+            sessions: Box::new(BucketSessions::new(bucket)),
+            tls,
+        });
+    }
+    Ok(Accounts {
+        users: UserTable::open(&root.join("users.xlsx"))
+            .map_err(|e| Error::Invalid(e.to_string()))?,
+        sessions: Box::new(SessionStore::open(&root.join("sessions.json"))?),
+        secret: load_or_create_secret(&root.join("server.secret"))?,
+        tls: given_tls(&config.tls)?,
     })
 }
 
@@ -978,24 +1017,28 @@ impl Handler {
     }
 
     /// Start a SCRAM exchange: the attempt counts against the throttle from now on.
-    fn scram_start(&self, client_first: &str) -> Result<ScramExchange> {
+    /// (Not a method: `Handler` is not `Sync`, so no future may hold `&self` across an await.)
+    async fn scram_start(
+        shared: Arc<Shared>,
+        peer: IpAddr,
+        client_first: &str,
+    ) -> Result<ScramExchange> {
         let bad = |e: scram::ScramError| Error::remote(ErrorCode::BadRequest, e.to_string());
         let name = ServerFirst::parse_user(client_first).map_err(bad)?;
         let valid = check_user_name(&name).is_ok();
-        let attempt = self.shared.throttle.begin(
-            valid.then_some(name.as_str()),
-            self.peer.ip(),
-            Instant::now(),
-        )?;
+        let attempt =
+            shared
+                .throttle
+                .begin(valid.then_some(name.as_str()), peer, Instant::now())?;
         // Unknown (or impossible) names get a fake verifier, so the answer looks the same.
-        let known = self
-            .shared
-            .users
-            .get(&name)
-            .filter(|_| valid)
-            .map(|record| record.verifier);
+        let known = match valid {
+            true => user_record(&shared, &name)
+                .await?
+                .map(|record| record.verifier),
+            false => None,
+        };
         let exists = known.is_some();
-        let verifier = known.unwrap_or_else(|| scram::fake_verifier(&self.shared.secret, &name));
+        let verifier = known.unwrap_or_else(|| scram::fake_verifier(&shared.secret, &name));
         let server_first = ServerFirst::new(client_first, verifier).map_err(bad)?;
         Ok(ScramExchange {
             user: name,
@@ -1024,7 +1067,7 @@ impl Handler {
 
     async fn auth_start(&mut self, client_first: &str) -> Result<Outcome> {
         self.login = None; // an unfinished earlier attempt counts as failed
-        let exchange = self.scram_start(client_first)?;
+        let exchange = Self::scram_start(self.shared.clone(), self.peer.ip(), client_first).await?;
         let message = exchange.server_first.message();
         self.login = Some(exchange);
         self.server_first(message).await
@@ -1052,7 +1095,7 @@ impl Handler {
         let (name, server_final) = Self::scram_finish(exchange, client_final)?;
         // Only after a correct proof, so it tells a guesser nothing. The row is read
         // again: an administrator may have changed it during the exchange.
-        let sessions_after = match self.shared.users.get(&name) {
+        let sessions_after = match user_record(&self.shared, &name).await? {
             Some(record) if record.disabled => {
                 return Err(Error::remote(
                     ErrorCode::AuthFailed,
@@ -1073,7 +1116,12 @@ impl Handler {
         let user = name.clone();
         blocking(move || {
             let recorded = shared.users.record_login(&user, &now_iso8601());
-            if let Err(e) = recorded.and_then(|()| shared.users.flush_logins().map(|_| ())) {
+            // A shared table gets them with the next periodic flush: a login must not cost
+            // a conditional write racing every other server's.
+            let at_once = shared.users.writes_logins_at_once();
+            let flushed =
+                recorded.and_then(|()| at_once.then(|| shared.users.flush_logins()).transpose());
+            if let Err(e) = flushed {
                 warn!(user, error = %e, "cannot record the login time");
             }
             // Session times are whole seconds: wait out a revocation made this second, or
@@ -1104,9 +1152,11 @@ impl Handler {
     }
 
     async fn auth_token(&mut self, token: String) -> Result<Outcome> {
-        let (user, created) = self.shared.sessions.session_of(&token)?;
+        let shared = self.shared.clone();
+        let lookup = token.clone();
+        let (user, created) = blocking(move || shared.sessions.session_of(&lookup)).await?;
         let refused = |message: &str| Err(Error::remote(ErrorCode::AuthFailed, message));
-        match self.shared.users.get(&user) {
+        match user_record(&self.shared, &user).await? {
             // A user removed from the table (by hand or `admin delete`) has no sessions.
             None => return refused("session expired or logged out: log in again"),
             Some(record) if record.disabled => {
@@ -1138,7 +1188,7 @@ impl Handler {
     async fn passwd_start(&mut self, client_first: &str) -> Result<Outcome> {
         let user = self.logged_in_user()?;
         self.passwd = None;
-        let exchange = self.scram_start(client_first)?;
+        let exchange = Self::scram_start(self.shared.clone(), self.peer.ip(), client_first).await?;
         if exchange.user != user {
             return Err(Error::remote(
                 ErrorCode::BadRequest,
@@ -1736,7 +1786,18 @@ fn decode_verifier(
 }
 
 fn user_table_error(e: UserTableError) -> Error {
+    if let UserTableError::Busy(_) = e {
+        // Other servers sharing the table kept winning: the client may simply retry.
+        return Error::remote(ErrorCode::Busy, "the user table is busy; try again");
+    }
     Error::remote(ErrorCode::Internal, format!("user table: {e}"))
+}
+
+/// A user's row, looked up on a blocking thread (a shared table may ask the bucket).
+async fn user_record(shared: &Arc<Shared>, name: &str) -> Result<Option<UserRecord>> {
+    let shared = shared.clone();
+    let name = name.to_string();
+    blocking(move || Ok(shared.users.get(&name))).await
 }
 
 /// Run blocking work (disk, fsync, the xlsx) off the async threads.

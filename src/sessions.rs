@@ -181,6 +181,40 @@ impl SessionStore {
     }
 }
 
+/// What the server asks of a session store: a local `sessions.json` ([`SessionStore`]) or
+/// objects in a bucket several servers share (`shared_state::BucketSessions`). Calls may do
+/// IO: the server makes them from blocking threads.
+pub trait Sessions: Send + Sync {
+    /// A new session for `user`; returns the token to give the client.
+    fn create(&self, user: &str) -> Result<String>;
+    /// The user a valid token belongs to and when the session was created (Unix seconds).
+    fn session_of(&self, token: &str) -> Result<(String, u64)>;
+    /// Forget a token (logout). Unknown tokens are fine.
+    fn revoke(&self, token: &str) -> Result<()>;
+    /// Forget every session of `user`; returns how many.
+    fn revoke_user(&self, user: &str) -> Result<usize>;
+    /// Forget every session of `user` but `keep_token`'s; returns how many.
+    fn revoke_user_except(&self, user: &str, keep_token: &str) -> Result<usize>;
+}
+
+impl Sessions for SessionStore {
+    fn create(&self, user: &str) -> Result<String> {
+        SessionStore::create(self, user)
+    }
+    fn session_of(&self, token: &str) -> Result<(String, u64)> {
+        SessionStore::session_of(self, token)
+    }
+    fn revoke(&self, token: &str) -> Result<()> {
+        SessionStore::revoke(self, token)
+    }
+    fn revoke_user(&self, user: &str) -> Result<usize> {
+        SessionStore::revoke_user(self, user)
+    }
+    fn revoke_user_except(&self, user: &str, keep_token: &str) -> Result<usize> {
+        SessionStore::revoke_user_except(self, user, keep_token)
+    }
+}
+
 /// The in-memory part of [`SessionStore::create`]: drop expired sessions and, if `user` is
 /// at the cap, their oldest, then add the new one.
 fn add_session(sessions: &mut HashMap<String, Session>, user: &str, key: String, now: u64) {

@@ -49,19 +49,27 @@ pub fn server_tls(root: &Path, files: Option<(&Path, &Path)>) -> Result<ServerTl
         Some((cert, key)) => (cert.to_path_buf(), key.to_path_buf()),
         None => ensure_self_signed(&root.join("tls"))?,
     };
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert_path)
-        .and_then(|certs| certs.collect())
-        .map_err(|e| {
-            tls_error(
-                &format!("cannot read certificate {}", cert_path.display()),
-                e,
-            )
-        })?;
-    let key = PrivateKeyDer::from_pem_file(&key_path)
-        .map_err(|e| tls_error(&format!("cannot read key {}", key_path.display()), e))?;
+    let read = |path: &Path, what: &str| {
+        fs::read(path).map_err(|e| tls_error(&format!("cannot read {what} {}", path.display()), e))
+    };
+    server_tls_from_pem(
+        &read(&cert_path, "certificate")?,
+        &read(&key_path, "key")?,
+        &format!("{} and {}", cert_path.display(), key_path.display()),
+    )
+}
+
+/// The TLS setup from a PEM certificate chain and its PEM key (`origin` names them in
+/// errors). Several servers sharing one certificate through the bucket come here.
+pub fn server_tls_from_pem(cert_pem: &[u8], key_pem: &[u8], origin: &str) -> Result<ServerTls> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| tls_error(&format!("cannot read the certificate in {origin}"), e))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| tls_error(&format!("cannot read the key in {origin}"), e))?;
     let first = certs
         .first()
-        .ok_or_else(|| Error::Invalid(format!("no certificate in {}", cert_path.display())))?;
+        .ok_or_else(|| Error::Invalid(format!("no certificate in {origin}")))?;
     let fingerprint = fingerprint(first);
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -73,6 +81,14 @@ pub fn server_tls(root: &Path, files: Option<(&Path, &Path)>) -> Result<ServerTl
         acceptor: TlsAcceptor::from(Arc::new(config)),
         fingerprint,
     })
+}
+
+/// A new self-signed certificate for localhost: (certificate PEM, key PEM).
+pub fn make_self_signed() -> Result<(String, String)> {
+    let names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
+    let made = rcgen::generate_simple_self_signed(names)
+        .map_err(|e| tls_error("cannot make a certificate", e))?;
+    Ok((made.cert.pem(), made.signing_key.serialize_pem()))
 }
 
 fn ensure_self_signed(dir: &Path) -> Result<(PathBuf, PathBuf)> {
@@ -88,11 +104,9 @@ fn ensure_self_signed(dir: &Path) -> Result<(PathBuf, PathBuf)> {
             .mode(0o700)
             .create(dir)?;
     }
-    let names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
-    let made = rcgen::generate_simple_self_signed(names)
-        .map_err(|e| tls_error("cannot make a certificate", e))?;
-    write_private(&key_path, made.signing_key.serialize_pem().as_bytes())?;
-    fs::write(&cert_path, made.cert.pem())?;
+    let (cert, key) = make_self_signed()?;
+    write_private(&key_path, key.as_bytes())?;
+    fs::write(&cert_path, cert)?;
     Ok((cert_path, key_path))
 }
 

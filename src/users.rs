@@ -1,17 +1,23 @@
-//! The user table, kept in one Excel file (ROOT/users.xlsx) as the owner asked.
+//! The user table, kept in one Excel workbook (`users.xlsx`) as the owner asked: a
+//! file in ROOT, or an object in the bucket when several servers share it.
 //!
 //! Layout: one worksheet `users` with the header row [`HEADER`] and one row per
 //! user, sorted by name. Names, timestamps and keys are text cells so Excel never
 //! turns a name like `00123` or `TRUE` into something else. The file holds SCRAM
 //! verifiers only, never passwords.
 //!
-//! Every change rewrites the whole file atomically (temp file, fsync, rename,
-//! fsync of the folder), so a crash leaves either the old or the new table.
+//! Where the bytes live is a [`TableStore`]: [`LocalTableFile`] here, the bucket's object
+//! in `shared_state`. Every change is "apply to the freshest version, save if the table is
+//! still that version, else reload and apply again" (bounded retries), so two writers
+//! never lose each other's rows.
 //!
-//! `netdisk admin` edits the same file while the server runs. Every writer holds an
-//! exclusive flock on `users.xlsx.lock` (beside the table) for its whole
-//! read-change-write, and first reloads the file if another process replaced it;
-//! readers notice a replaced file by its stamp (size, mtime, inode) on each lookup.
+//! A local file is rewritten atomically (temp file, fsync, rename, fsync of the folder),
+//! so a crash leaves either the old or the new table. `netdisk admin` edits the same file
+//! while the server runs: every writer holds an exclusive flock on `users.xlsx.lock`
+//! (beside the table) for its whole read-change-write, and first reloads the file if
+//! another process replaced it; readers notice a replaced file by its stamp (size, mtime,
+//! inode) on each lookup. In a bucket the object's ETag plays the stamp and If-Match the
+//! lock.
 //! `last_login` is kept in memory and written in batches ([`UserTable::flush_logins`]),
 //! so a login never depends on a table write succeeding.
 
@@ -22,6 +28,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
@@ -80,6 +87,11 @@ pub enum UserTableError {
     InvalidRecord(String),
     #[error("cannot build the user table workbook: {0}")]
     Xlsx(#[from] rust_xlsxwriter::XlsxError),
+    #[error("the user table kept changing while this change was tried {0} times (other servers writing); try again")]
+    Busy(u32),
+    /// The bucket holding a shared table refused or failed a request.
+    #[error("user table in the bucket: {0}")]
+    Bucket(String),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -108,34 +120,138 @@ pub fn unix_seconds(at: &str) -> Option<i64> {
         .map(|t| t.unix_timestamp())
 }
 
-/// Which version of the file was read: a replaced file (new inode on every atomic
-/// write), a rewrite in place or a resize all change it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Stamp {
-    size: u64,
-    mtime_ns: i128,
-    inode: u64,
-    dev: u64,
+/// Which version of the stored table memory reflects: a file's stamp, an object's ETag.
+/// Opaque; only compared for equality.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableVersion(pub String);
+
+/// Why a conditional save did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    /// Someone else saved since `expected`: reload, re-apply the change, save again.
+    #[error("the user table changed since it was read")]
+    Conflict,
+    #[error(transparent)]
+    Failed(#[from] UserTableError),
 }
 
-impl Stamp {
-    fn of(meta: &fs::Metadata) -> Stamp {
-        Stamp {
-            size: meta.size(),
-            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-            inode: meta.ino(),
-            dev: meta.dev(),
+/// Where the workbook's bytes live. [`UserTable`] does the parsing, the change and the
+/// retries; a store only reads and writes whole versions, conditionally.
+pub trait TableStore: Send + Sync {
+    /// For messages: a file path or an `s3://` URL.
+    fn location(&self) -> PathBuf;
+    /// Held around a whole read-change-write where the store has such a lock (a file:
+    /// the flock every process takes); `None` where only conditional writes order writers.
+    fn lock(&self) -> Result<Option<File>, UserTableError>;
+    /// The current version without reading the bytes (`None`: no table yet).
+    fn version(&self) -> Result<Option<TableVersion>, UserTableError>;
+    /// The bytes and the version of exactly those bytes (`None`: no table yet).
+    fn load(&self) -> Result<Option<(TableVersion, Vec<u8>)>, UserTableError>;
+    /// Replace the table if it is still at `expected` (`None`: create it, it must not
+    /// exist). Returns the new version when the store reports it.
+    fn save(
+        &self,
+        bytes: &[u8],
+        expected: Option<&TableVersion>,
+    ) -> Result<Option<TableVersion>, SaveError>;
+    /// Shared by several servers over a network (a bucket): listings check for a new
+    /// version at most every [`SHARED_POLL`], and `last_login` is written in batches only.
+    /// A local file is checked on every lookup (a stat) and logins are written at once.
+    fn is_shared(&self) -> bool;
+}
+
+/// How often a listing checks a shared table for a new version.
+pub const SHARED_POLL: Duration = Duration::from_secs(1);
+/// Conditional saves tried before a change gives up (each conflict means another writer
+/// succeeded, so only a very busy table gets there).
+const SAVE_ATTEMPTS: u32 = 30;
+
+/// The table as one local file, `users.xlsx`, with `users.xlsx.lock` beside it.
+pub struct LocalTableFile {
+    path: PathBuf,
+    lock_path: PathBuf,
+}
+
+impl LocalTableFile {
+    pub fn new(path: &Path) -> LocalTableFile {
+        let mut lock_name = path.file_name().unwrap_or_default().to_os_string();
+        lock_name.push(".lock");
+        LocalTableFile {
+            path: path.to_path_buf(),
+            lock_path: path.with_file_name(lock_name),
         }
     }
+}
+
+impl TableStore for LocalTableFile {
+    fn location(&self) -> PathBuf {
+        self.path.clone()
+    }
+
+    /// The exclusive lock every writer (server or `netdisk admin`) holds; released
+    /// when the returned file is closed.
+    fn lock(&self) -> Result<Option<File>, UserTableError> {
+        let mut options = OpenOptions::new();
+        options.read(true).write(true).create(true);
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let file = options.open(&self.lock_path)?;
+        lock_file(&file, true)?;
+        Ok(Some(file))
+    }
+
+    fn version(&self) -> Result<Option<TableVersion>, UserTableError> {
+        match fs::metadata(&self.path) {
+            Ok(meta) => Ok(Some(stamp(&meta))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn load(&self) -> Result<Option<(TableVersion, Vec<u8>)>, UserTableError> {
+        read_table(&self.path)
+    }
+
+    /// Called under the flock, so the check and the rename cannot interleave with another
+    /// writer; a conflict means someone replaced the file without the lock (by hand).
+    fn save(
+        &self,
+        bytes: &[u8],
+        expected: Option<&TableVersion>,
+    ) -> Result<Option<TableVersion>, SaveError> {
+        if self.version()?.as_ref() != expected {
+            return Err(SaveError::Conflict);
+        }
+        save(&self.path, bytes)?;
+        Ok(self.version()?)
+    }
+
+    fn is_shared(&self) -> bool {
+        false
+    }
+}
+
+/// A file's version: a replaced file (new inode on every atomic write), a rewrite in
+/// place or a resize all change it.
+fn stamp(meta: &fs::Metadata) -> TableVersion {
+    let mtime_ns = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
+    TableVersion(format!(
+        "{}-{}-{}-{}",
+        meta.size(),
+        mtime_ns,
+        meta.ino(),
+        meta.dev()
+    ))
 }
 
 #[derive(Default)]
 struct State {
     users: BTreeMap<String, UserRecord>,
-    /// The file version `users` reflects (`None`: unknown, reload at the next chance).
-    loaded: Option<Stamp>,
+    /// The version `users` reflects (`None`: unknown, reload at the next chance).
+    loaded: Option<TableVersion>,
     /// The last version looked at, even one that failed to parse (warn once per version).
-    seen: Option<Stamp>,
+    seen: Option<TableVersion>,
+    /// When the last check for a new version started (shared stores poll).
+    checked: Option<Instant>,
     /// Logins not written yet: name -> (registered_at, last_login). The registration
     /// time keeps a login of a deleted account off a new account of the same name.
     logins: BTreeMap<String, (String, String)>,
@@ -154,16 +270,15 @@ impl State {
     }
 }
 
-/// All users in memory, persisted to one xlsx file that other processes may change
-/// too (under the lock file). Cheap lookups; every change rewrites the file atomically.
+/// All users in memory, persisted as one xlsx workbook in a [`TableStore`] that other
+/// processes (or servers) may change too. Cheap lookups; every change is applied to the
+/// freshest version and saved conditionally, retried on conflict.
 pub struct UserTable {
-    path: PathBuf,
-    lock_path: PathBuf,
-    /// Held only for lookups and swaps, never during file IO, so `get` stays cheap
-    /// enough to call from async code.
+    store: Box<dyn TableStore>,
+    /// Held only for lookups and swaps, never during IO, so `get` stays cheap.
     state: Mutex<State>,
     /// Held for a whole change (check, write, swap): writers in this process are
-    /// serialized (the flock serializes processes), so a check cannot go stale.
+    /// serialized (the flock or the conditional write orders processes).
     writer: Mutex<()>,
     /// One reload at a time; lookups that find it taken use memory as it is.
     reloading: Mutex<()>,
@@ -174,41 +289,64 @@ impl UserTable {
     /// the file (header row only). A file that exists but cannot be parsed is an
     /// error: better to refuse to start than to start empty and lose every user.
     pub fn open(path: &Path) -> Result<UserTable, UserTableError> {
-        let mut lock_name = path.file_name().unwrap_or_default().to_os_string();
-        lock_name.push(".lock");
+        UserTable::open_store(Box::new(LocalTableFile::new(path)))
+    }
+
+    /// Open the table kept in `store` (created empty if missing), as [`UserTable::open`].
+    pub fn open_store(store: Box<dyn TableStore>) -> Result<UserTable, UserTableError> {
         let table = UserTable {
-            path: path.to_path_buf(),
-            lock_path: path.with_file_name(lock_name),
+            store,
             state: Mutex::new(State::default()),
             writer: Mutex::new(()),
             reloading: Mutex::new(()),
         };
-        // Locked, so two processes starting on a new root do not both create it.
-        let _lock = table.lock_file()?;
-        match read_table(path)? {
-            Some((stamp, bytes)) => {
+        // Locked, so two processes starting on a new root do not both create it (in a
+        // bucket, the create is conditional: the loser reads the winner's table).
+        let _lock = table.store.lock()?;
+        let (version, users) = loop {
+            if let Some((version, bytes)) = table.store.load()? {
                 let users = parse(&bytes).map_err(|reason| table.unreadable(reason))?;
-                let mut state = table.lock();
-                state.users = users;
-                state.loaded = Some(stamp);
-                state.seen = Some(stamp);
+                break (Some(version), users);
             }
-            None => {
-                save(path, &BTreeMap::new())?;
-                let stamp = fs::metadata(path).ok().map(|m| Stamp::of(&m));
-                let mut state = table.lock();
-                state.loaded = stamp;
-                state.seen = stamp;
+            match table.store.save(&to_xlsx(&BTreeMap::new())?, None) {
+                Ok(version) => break (version, BTreeMap::new()),
+                Err(SaveError::Conflict) => continue,
+                Err(SaveError::Failed(e)) => return Err(e),
             }
-        }
+        };
+        let mut state = table.lock();
+        state.users = users;
+        state.seen = version.clone();
+        state.loaded = version;
+        state.checked = Some(Instant::now());
+        drop(state);
         drop(_lock);
         Ok(table)
     }
 
-    /// The user `name`, as of the latest version of the file (a stat per call; the
-    /// file is parsed only when another process replaced it).
+    /// Where the table is kept (a file path or an `s3://` URL).
+    pub fn location(&self) -> PathBuf {
+        self.store.location()
+    }
+
+    /// Whether the server should write `last_login` at each login (a local file) or
+    /// leave it to the periodic [`UserTable::flush_logins`] (a shared table: a login must
+    /// not cost a conditional write that races every other server's).
+    pub fn writes_logins_at_once(&self) -> bool {
+        !self.store.is_shared()
+    }
+
+    /// The user `name`, as of the latest version of the table. A local file is checked
+    /// on every call (a stat) and parsed only when another process replaced it. A shared
+    /// table is checked on every call too (one ETag request, shared by the lookups waiting
+    /// at that moment), so a registration, password change or `disable` made on another
+    /// server counts here at once.
     pub fn get(&self, name: &str) -> Option<UserRecord> {
-        self.refresh();
+        if self.store.is_shared() {
+            self.recheck_after(Instant::now());
+        } else {
+            self.refresh();
+        }
         self.lock().users.get(name).cloned()
     }
 
@@ -226,42 +364,68 @@ impl UserTable {
         self.lock().users.is_empty()
     }
 
-    /// Reload the file if another process replaced it since it was last read.
-    /// `Ok(true)` if memory changed. A file that does not parse leaves memory as it
-    /// was (the error is reported once per version of the file).
+    /// Reload the table if another process replaced it since it was last read.
+    /// `Ok(true)` if memory changed. A table that does not parse leaves memory as it
+    /// was (the error is reported once per version).
     pub fn reload_if_changed(&self) -> Result<bool, UserTableError> {
         let Ok(_reloading) = self.reloading.try_lock() else {
             return Ok(false);
         };
+        if self.store.is_shared() {
+            let recent = self
+                .lock()
+                .checked
+                .is_some_and(|at| at.elapsed() < SHARED_POLL);
+            if recent {
+                return Ok(false);
+            }
+        }
         self.reload(false)
     }
 
     fn refresh(&self) {
         if let Err(e) = self.reload_if_changed() {
-            tracing::warn!(error = %e, "user table changed on disk but cannot be reloaded; using the previous version");
+            tracing::warn!(error = %e, "user table changed but cannot be reloaded; using the previous version");
+        }
+    }
+
+    /// A check that started after `since`, waiting for one in progress rather than
+    /// skipping it; concurrent misses share one check.
+    fn recheck_after(&self, since: Instant) {
+        let _reloading = self
+            .reloading
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.lock().checked.is_some_and(|at| at >= since) {
+            return;
+        }
+        if let Err(e) = self.reload(false) {
+            tracing::warn!(error = %e, "user table changed but cannot be reloaded; using the previous version");
         }
     }
 
     /// `strict` (writers): reload even a version that failed before, so the error
     /// stops the write instead of overwriting a table we could not read.
     fn reload(&self, strict: bool) -> Result<bool, UserTableError> {
-        let current = Stamp::of(&fs::metadata(&self.path)?);
+        self.lock().checked = Some(Instant::now());
+        let current = self.store.version()?;
         {
             let state = self.lock();
-            if state.loaded == Some(current) || (!strict && state.seen == Some(current)) {
+            if current.is_some() && (state.loaded == current || (!strict && state.seen == current))
+            {
                 return Ok(false);
             }
         }
-        let (stamp, bytes) = read_table(&self.path)?.ok_or_else(|| {
+        let (version, bytes) = self.store.load()?.ok_or_else(|| {
             std::io::Error::new(std::io::ErrorKind::NotFound, "user table vanished")
         })?;
         let parsed = parse(&bytes);
         let mut state = self.lock();
-        state.seen = Some(stamp);
+        state.seen = Some(version.clone());
         let mut users = parsed.map_err(|reason| self.unreadable(reason))?;
         state.apply_logins(&mut users);
         state.users = users;
-        state.loaded = Some(stamp);
+        state.loaded = Some(version);
         Ok(true)
     }
 
@@ -273,7 +437,7 @@ impl UserTable {
             if users.contains_key(&record.name) {
                 return Err(UserTableError::NameTaken);
             }
-            users.insert(record.name.clone(), record);
+            users.insert(record.name.clone(), record.clone());
             Ok(())
         })
     }
@@ -297,23 +461,23 @@ impl UserTable {
         revoke_sessions_at: Option<String>,
     ) -> Result<(), UserTableError> {
         self.change_user(name, |user| {
-            user.verifier = verifier;
-            if let Some(at) = revoke_sessions_at {
-                user.sessions_after = Some(at);
+            user.verifier = verifier.clone();
+            if let Some(at) = &revoke_sessions_at {
+                user.sessions_after = Some(at.clone());
             }
         })
     }
 
     /// Invalidate the user's sessions created before `at` (ISO 8601 UTC).
     pub fn revoke_sessions(&self, name: &str, at: String) -> Result<(), UserTableError> {
-        self.change_user(name, |user| user.sessions_after = Some(at))
+        self.change_user(name, |user| user.sessions_after = Some(at.clone()))
     }
 
     /// Change one existing user; the result is validated before it is written.
     fn change_user(
         &self,
         name: &str,
-        change: impl FnOnce(&mut UserRecord),
+        mut change: impl FnMut(&mut UserRecord),
     ) -> Result<(), UserTableError> {
         self.update(|users| {
             let user = users.get_mut(name).ok_or(UserTableError::NoSuchUser)?;
@@ -349,55 +513,60 @@ impl UserTable {
         Ok(pending)
     }
 
-    /// Under the lock file: bring memory up to date with the file, apply `change` to
-    /// a copy, write the copy, and only then make it current. A failed write leaves
-    /// the file and memory as they were (this is the rollback).
+    /// Under the store's lock (if any): bring memory up to date with the stored table,
+    /// apply `change` to a copy, save the copy if the table is still the version it came
+    /// from, and only then make it current. A conflict (another writer was first) means
+    /// reload and apply the change again. A failed write leaves the table and memory as
+    /// they were (this is the rollback).
     fn update<T>(
         &self,
-        change: impl FnOnce(&mut BTreeMap<String, UserRecord>) -> Result<T, UserTableError>,
+        mut change: impl FnMut(&mut BTreeMap<String, UserRecord>) -> Result<T, UserTableError>,
     ) -> Result<T, UserTableError> {
         let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        let _lock = self.lock_file()?;
+        let _lock = self.store.lock()?;
         // No lookup's reload may swap in an older version while we write.
         let _reloading = self
             .reloading
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        self.reload(true)?;
-        let (mut next, written_logins) = {
-            let state = self.lock();
-            (state.users.clone(), state.logins.clone())
-        };
-        let out = change(&mut next)?;
-        save(&self.path, &next)?;
-        // No other writer can run until we unlock, so this is the version we wrote.
-        let stamp = fs::metadata(&self.path).ok().map(|m| Stamp::of(&m));
-        let mut state = self.lock();
-        // Logins recorded during the write stay pending (and in memory).
-        state
-            .logins
-            .retain(|name, login| written_logins.get(name) != Some(login));
-        state.apply_logins(&mut next);
-        state.users = next;
-        state.loaded = stamp;
-        state.seen = stamp;
-        Ok(out)
-    }
-
-    /// The exclusive lock every writer (server or `netdisk admin`) holds; released
-    /// when the returned file is closed.
-    fn lock_file(&self) -> Result<File, UserTableError> {
-        let mut options = OpenOptions::new();
-        options.read(true).write(true).create(true);
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let file = options.open(&self.lock_path)?;
-        lock_file(&file, true)?;
-        Ok(file)
+        for attempt in 0..SAVE_ATTEMPTS {
+            self.reload(true)?;
+            let (mut next, written_logins, base) = {
+                let state = self.lock();
+                (
+                    state.users.clone(),
+                    state.logins.clone(),
+                    state.loaded.clone(),
+                )
+            };
+            let out = change(&mut next)?;
+            let version = match self.store.save(&to_xlsx(&next)?, base.as_ref()) {
+                Ok(version) => version,
+                Err(SaveError::Conflict) => {
+                    // The other writer won this round; let it finish before we reload.
+                    std::thread::sleep(conflict_pause(attempt));
+                    continue;
+                }
+                Err(SaveError::Failed(e)) => return Err(e),
+            };
+            let mut state = self.lock();
+            // Logins recorded during the write stay pending (and in memory).
+            state
+                .logins
+                .retain(|name, login| written_logins.get(name) != Some(login));
+            state.apply_logins(&mut next);
+            state.users = next;
+            // Unknown (the store did not say): the next look reloads.
+            state.seen = version.clone();
+            state.loaded = version;
+            return Ok(out);
+        }
+        Err(UserTableError::Busy(SAVE_ATTEMPTS))
     }
 
     fn unreadable(&self, reason: String) -> UserTableError {
         UserTableError::Unreadable {
-            path: self.path.clone(),
+            path: self.store.location(),
             reason,
         }
     }
@@ -409,6 +578,15 @@ impl UserTable {
     }
 }
 
+/// A short, growing, jittered pause after a lost conditional write, so two writers that
+/// keep colliding drift apart.
+pub(crate) fn conflict_pause(attempt: u32) -> Duration {
+    let mut jitter = [0u8; 2];
+    let _ = getrandom::fill(&mut jitter);
+    let jitter = u64::from(u16::from_le_bytes(jitter) % 20);
+    Duration::from_millis(5 * u64::from(attempt.min(10)) + jitter)
+}
+
 /// Logins not yet written get a last chance when the table goes away (server shutdown).
 impl Drop for UserTable {
     fn drop(&mut self) {
@@ -418,17 +596,17 @@ impl Drop for UserTable {
     }
 }
 
-/// The file's bytes and the stamp of exactly that version (`None`: no file).
-fn read_table(path: &Path) -> Result<Option<(Stamp, Vec<u8>)>, UserTableError> {
+/// The file's bytes and the version of exactly those bytes (`None`: no file).
+fn read_table(path: &Path) -> Result<Option<(TableVersion, Vec<u8>)>, UserTableError> {
     let mut file = match File::open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    let stamp = Stamp::of(&file.metadata()?);
-    let mut bytes = Vec::with_capacity(stamp.size as usize);
+    let meta = file.metadata()?;
+    let mut bytes = Vec::with_capacity(meta.size() as usize);
     file.read_to_end(&mut bytes)?;
-    Ok(Some((stamp, bytes)))
+    Ok(Some((stamp(&meta), bytes)))
 }
 
 /// Everything `parse` would refuse, so a record we write can always be read back.
@@ -643,8 +821,7 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Replace `path` atomically: write a temp file next to it, fsync, rename over,
 /// fsync the folder. The temp file is removed if anything before the rename fails.
-fn save(path: &Path, users: &BTreeMap<String, UserRecord>) -> Result<(), UserTableError> {
-    let bytes = to_xlsx(users)?;
+fn save(path: &Path, bytes: &[u8]) -> Result<(), UserTableError> {
     let file_name = path.file_name().ok_or_else(|| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -661,7 +838,7 @@ fn save(path: &Path, users: &BTreeMap<String, UserRecord>) -> Result<(), UserTab
         std::process::id(),
         TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
-    if let Err(e) = write_synced(&temp, &bytes).and_then(|()| fs::rename(&temp, path)) {
+    if let Err(e) = write_synced(&temp, bytes).and_then(|()| fs::rename(&temp, path)) {
         let _ = fs::remove_file(&temp);
         return Err(e.into());
     }
