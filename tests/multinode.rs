@@ -11,7 +11,6 @@ use std::time::Duration;
 use calamine::{Data, Reader, Xlsx};
 use common::*;
 use netdisk::client::Client;
-use netdisk::objstore::ObjectStoreConfig;
 use netdisk::protocol::encode_header;
 use netdisk::scram::MIN_ITERATIONS;
 use netdisk::server::TlsSetting;
@@ -19,26 +18,11 @@ use netdisk::ErrorCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// The bucket as `netdisk serve --storage s3://BUCKET/netdisk` with the AWS_* variables.
-fn store(bucket: &S3Bucket) -> ObjectStoreConfig {
-    let mut config = ObjectStoreConfig::from_url(&bucket.url("netdisk")).unwrap();
-    for (name, value) in bucket.env() {
-        match name {
-            "AWS_ENDPOINT_URL" => config.endpoint = Some(value),
-            "AWS_REGION" => config.region = Some(value),
-            "AWS_ACCESS_KEY_ID" => config.access_key_id = Some(value),
-            "AWS_SECRET_ACCESS_KEY" => config.secret_access_key = Some(value),
-            _ => {}
-        }
-    }
-    config
-}
-
 /// A server node on the bucket, with its own ROOT (as on its own machine).
 async fn node(bucket: &S3Bucket, tls: TlsSetting) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
-    let store = store(bucket);
+    let store = bucket.config();
     TestServer::start_with(dir, root, move |config| {
         config.object_store = Some(store);
         config.tls = tls;
@@ -57,7 +41,7 @@ async fn two_nodes() -> Option<(S3Bucket, TestServer, TestServer)> {
 
 /// users.xlsx as it is in the bucket.
 async fn table_in_bucket(bucket: &S3Bucket) -> Vec<u8> {
-    let op = store(bucket).operator().unwrap();
+    let op = bucket.config().operator().unwrap();
     op.read("users.xlsx").await.unwrap().to_vec()
 }
 
@@ -323,7 +307,7 @@ async fn both_nodes_present_the_same_certificate() {
         .unwrap();
     assert_eq!(second.newly_pinned(), None);
     // The private key is in the bucket (documented): protect the bucket.
-    let op = store(&bucket).operator().unwrap();
+    let op = bucket.config().operator().unwrap();
     let pem = op.read("tls/self-signed.pem").await.unwrap().to_vec();
     assert!(String::from_utf8_lossy(&pem).contains("PRIVATE KEY"));
 }

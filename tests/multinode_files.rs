@@ -8,31 +8,16 @@ mod common;
 
 use common::*;
 use netdisk::client::{Client, NoProgress};
-use netdisk::objstore::ObjectStoreConfig;
 use netdisk::server::TlsSetting;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const MIB: usize = 1024 * 1024;
 
-fn store(bucket: &S3Bucket) -> ObjectStoreConfig {
-    let mut config = ObjectStoreConfig::from_url(&bucket.url("netdisk")).unwrap();
-    for (name, value) in bucket.env() {
-        match name {
-            "AWS_ENDPOINT_URL" => config.endpoint = Some(value),
-            "AWS_REGION" => config.region = Some(value),
-            "AWS_ACCESS_KEY_ID" => config.access_key_id = Some(value),
-            "AWS_SECRET_ACCESS_KEY" => config.secret_access_key = Some(value),
-            _ => {}
-        }
-    }
-    config
-}
-
 async fn node(bucket: &S3Bucket) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
-    let store = store(bucket);
+    let store = bucket.config();
     TestServer::start_with(dir, root, move |config| {
         config.object_store = Some(store);
         config.tls = TlsSetting::Off;

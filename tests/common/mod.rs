@@ -250,6 +250,18 @@ impl S3Bucket {
         format!("s3://{}/{}", self.bucket, prefix)
     }
 
+    /// The bucket as `netdisk serve --storage s3://BUCKET/netdisk` with [`S3Bucket::env`].
+    #[cfg(feature = "s3")]
+    pub fn config(&self) -> netdisk::objstore::ObjectStoreConfig {
+        let mut config =
+            netdisk::objstore::ObjectStoreConfig::from_url(&self.url("netdisk")).unwrap();
+        config.endpoint = Some(self.endpoint.clone());
+        config.region = Some("us-east-1".to_string());
+        config.access_key_id = Some("netdisk-test".to_string());
+        config.secret_access_key = Some("netdisk-test-secret".to_string());
+        config
+    }
+
     /// The environment `netdisk serve --storage` (or the library) reads.
     pub fn env(&self) -> Vec<(&'static str, String)> {
         vec![
