@@ -2,13 +2,22 @@
 
 mod common;
 
-use calamine::{open_workbook, Data, Reader, Xlsx};
+use calamine::{Data, Reader, Xlsx};
 use common::*;
 use netdisk::scram::MIN_ITERATIONS;
 use netdisk::ErrorCode;
 
-fn read_users_xlsx(root: &std::path::Path) -> Vec<Vec<Data>> {
-    let mut book: Xlsx<_> = open_workbook(root.join("users.xlsx")).unwrap();
+async fn read_users_xlsx(server: &TestServer) -> Vec<Vec<Data>> {
+    rows_of(
+        server
+            .stored("users.xlsx")
+            .await
+            .expect("users.xlsx is stored"),
+    )
+}
+
+fn rows_of(xlsx: Vec<u8>) -> Vec<Vec<Data>> {
+    let mut book = Xlsx::new(std::io::Cursor::new(xlsx)).unwrap();
     let sheets = book.sheet_names();
     assert_eq!(sheets.len(), 1, "one sheet");
     let range = book.worksheet_range(&sheets[0]).unwrap();
@@ -28,9 +37,9 @@ async fn register_creates_folder_and_row_without_password() {
         .await
         .unwrap();
 
-    assert!(server.root.join("files/alice").is_dir());
-    assert!(server.root.join("files/00123").is_dir());
-    let rows = read_users_xlsx(&server.root);
+    assert!(server.stored_exists("files/alice").await);
+    assert!(server.stored_exists("files/00123").await);
+    let rows = read_users_xlsx(&server).await;
     let header: Vec<String> = rows[0].iter().map(|c| c.to_string()).collect();
     assert_eq!(header[0], "name");
     assert!(header.iter().any(|h| h.contains("stored_key")));
@@ -45,7 +54,7 @@ async fn register_creates_folder_and_row_without_password() {
         alice[1].to_string().ends_with('Z'),
         "registered_at is ISO 8601 UTC"
     );
-    let raw = std::fs::read(server.root.join("users.xlsx")).unwrap();
+    let raw = server.stored("users.xlsx").await.unwrap();
     for row in &rows {
         for cell in row {
             assert!(!cell.to_string().contains(PASSWORD));
@@ -83,7 +92,7 @@ async fn taken_and_bad_names_are_refused() {
             .unwrap_err();
         assert_eq!(err.code(), Some(ErrorCode::BadName), "{bad}: {err}");
     }
-    assert_eq!(read_users_xlsx(&server.root).len(), 2);
+    assert_eq!(read_users_xlsx(&server).await.len(), 2);
 }
 
 #[tokio::test]
@@ -95,7 +104,10 @@ async fn login_right_wrong_and_unknown() {
         .await
         .unwrap();
     let token = client.login("carol", PASSWORD).await.unwrap();
-    assert_eq!(token.len(), 64);
+    // 256 random bits (on S3 after the user's name, which says where the session is).
+    let random = token.strip_prefix("carol:").unwrap_or(&token);
+    assert_eq!(random.len(), 64, "{token}");
+    assert!(random.bytes().all(|b| b.is_ascii_hexdigit()), "{token}");
 
     let wrong = server
         .client()
@@ -117,7 +129,11 @@ async fn login_right_wrong_and_unknown() {
         "same answer for both"
     );
 
-    let rows = read_users_xlsx(&server.root);
+    // A table shared by several servers (S3) gets logins in batches: every minute and
+    // when the server stops.
+    drop(client);
+    let (_dir, root) = server.stop().await;
+    let rows = rows_of(stored_at(&root, "users.xlsx").await.unwrap());
     let carol = rows
         .iter()
         .find(|r| r[0] == Data::String("carol".into()))
@@ -151,15 +167,15 @@ async fn server_refuses_to_start_on_a_broken_table() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
     std::fs::create_dir_all(&root).unwrap();
-    std::fs::write(root.join("users.xlsx"), b"this is not a spreadsheet").unwrap();
-    let config = netdisk::server::ServerConfig::new("127.0.0.1:0", &root);
+    store_before_start(&root, "users.xlsx", b"this is not a spreadsheet").await;
+    let config = server_config(&root);
     let err = netdisk::server::Server::bind(config)
         .await
         .err()
         .expect("must refuse");
     assert!(err.to_string().contains("users.xlsx"), "{err}");
     assert_eq!(
-        std::fs::read(root.join("users.xlsx")).unwrap(),
+        stored_at(&root, "users.xlsx").await.unwrap(),
         b"this is not a spreadsheet",
         "the table is left alone"
     );
@@ -190,7 +206,7 @@ async fn concurrent_registrations_all_land_and_one_name_wins_once() {
         winners += same as usize;
     }
     assert_eq!(winners, 1);
-    let rows = read_users_xlsx(&server.root);
+    let rows = read_users_xlsx(&server).await;
     assert_eq!(rows.len(), 1 + 20 + 1);
 }
 
@@ -215,9 +231,14 @@ assert len(book.worksheets) == 1
 rows = list(book.worksheets[0].iter_rows(values_only=True))
 print(rows[0][0], len(rows), repr(rows[1][0]), type(rows[1][0]).__name__)
 "#;
+    let copy = write_file(
+        server.dir.path(),
+        "users-copy.xlsx",
+        &server.stored("users.xlsx").await.unwrap(),
+    );
     let out = std::process::Command::new("python3")
         .args(["-c", script])
-        .arg(server.root.join("users.xlsx"))
+        .arg(copy)
         .output();
     let available = matches!(&out, Ok(o) if o.status.success() || !String::from_utf8_lossy(&o.stderr).contains("No module named"));
     if !available {

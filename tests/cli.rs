@@ -289,13 +289,11 @@ async fn mput_and_mget_move_many_files_over_one_connection() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     env.ok(&args).await;
     for i in 0..150 {
-        let stored = std::fs::read(env.server.user_file("mia", &format!("s{i}.txt"))).unwrap();
+        let stored = env.server.user_bytes("mia", &format!("s{i}.txt")).await;
         assert!(stored == random_bytes(4096 + i, i as u64));
     }
     assert_eq!(
-        std::fs::metadata(env.server.user_file("mia", "large.bin"))
-            .unwrap()
-            .len(),
+        env.server.user_bytes("mia", "large.bin").await.len(),
         3_000_000
     );
 
@@ -575,8 +573,8 @@ async fn awkward_names_and_escapes_from_the_command_line() {
             "{args:?}: {err}"
         );
     }
-    assert!(!env.server.root.join("files/x").exists());
-    assert!(!env.server.root.join("files/ok.txt").exists());
+    assert!(!env.server.stored_exists("files/x").await);
+    assert!(!env.server.stored_exists("files/ok.txt").await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -879,7 +877,8 @@ async fn lost_connection_during_put_says_how_far_and_to_run_it_again() {
             .args(["--user", "uma"]);
         cmd
     };
-    proxy.cut_after(7_000_000);
+    // Past 8 MiB: a whole chunk locally, a whole multipart part on S3.
+    proxy.cut_after(10_000_000);
     let out = run(via_proxy(&["put", "up.bin"])).await;
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(5), "{err}");
@@ -899,7 +898,7 @@ async fn lost_connection_during_put_says_how_far_and_to_run_it_again() {
     let out = run(via_proxy(&["put", "up.bin"])).await;
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("resuming"), "{}", stderr(&out));
-    assert!(std::fs::read(env.server.user_file("uma", "up.bin")).unwrap() == data);
+    assert!(env.server.user_bytes("uma", "up.bin").await == data);
 }
 
 /// An `Env` around a server configured by `adjust` (TLS off unless it turns it on).
@@ -1076,17 +1075,18 @@ async fn register_checks_the_name_first_and_the_password_length() {
     assert!(stderr(&out).contains("at least 8 characters"));
 }
 
-/// Inode numbers of the user's files on the server: a file sent again is a new inode.
-fn server_inodes(env: &Env, user: &str, names: &[&str]) -> Vec<u64> {
-    use std::os::unix::fs::MetadataExt;
-    names
-        .iter()
-        .map(|name| {
-            std::fs::metadata(env.server.user_file(user, name))
-                .unwrap()
-                .ino()
-        })
-        .collect()
+/// What identifies each stored copy of the user's files: a file sent again is a new
+/// inode on disk, a new object (ETag and Last-Modified) on S3.
+async fn server_stamps(env: &Env, user: &str, names: &[&str]) -> Vec<String> {
+    let mut stamps = Vec::new();
+    for name in names {
+        stamps.push(
+            env.server
+                .stored_stamp(&format!("files/{user}/{name}"))
+                .await,
+        );
+    }
+    stamps
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1099,7 +1099,7 @@ async fn mput_run_again_after_a_cut_sends_only_what_is_missing() {
         ("s2.txt".into(), random_bytes(200_000, 2)),
         ("s3.txt".into(), random_bytes(200_000, 3)),
         ("l1.bin".into(), random_bytes(6_000_000, 4)),
-        ("l2.bin".into(), random_bytes(9_000_000, 5)),
+        ("l2.bin".into(), random_bytes(12_000_000, 5)),
     ];
     for (name, data) in &files {
         write_file(env.work.path(), name, data);
@@ -1108,18 +1108,23 @@ async fn mput_run_again_after_a_cut_sends_only_what_is_missing() {
     let mut args = vec!["mput"];
     args.extend(&names);
 
-    // Cut the connection in the middle of l2.bin, past its first 4 MiB chunk.
+    // Cut the connection in the middle of l2.bin, about 10 MB into it: past its first
+    // two 4 MiB chunks locally, past its first 8 MiB multipart part on S3.
     let proxy = CuttingProxy::start(env.server.addr_string()).await;
-    proxy.cut_after(12_000_000);
+    proxy.cut_after(17_000_000);
     let mut cmd = env.cmd(&args);
     cmd.env("NETDISK_SERVER", &proxy.addr)
         .env("NETDISK_PASSWORD", "password")
         .args(["--user", "rae"]);
     let out = run(cmd).await;
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
-    assert!(!env.server.user_file("rae", "l2.bin").exists());
+    assert!(!env.server.user_has("rae", "l2.bin").await);
     let done = ["s1.txt", "s2.txt", "s3.txt", "l1.bin"];
-    let before = server_inodes(&env, "rae", &done);
+    let before = server_stamps(&env, "rae", &done).await;
+    if env.server.on_s3() {
+        // S3's Last-Modified has whole seconds: a copy sent again must differ from it.
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    }
 
     // One file changed locally since (same size): it must be sent again.
     let changed = random_bytes(200_000, 99);
@@ -1130,17 +1135,17 @@ async fn mput_run_again_after_a_cut_sends_only_what_is_missing() {
     assert!(err.contains("resuming the upload of l2.bin"), "{err}");
     assert!(err.contains("uploaded 2 files ("), "{err}");
     assert!(err.contains("; 3 unchanged"), "{err}");
-    let after = server_inodes(&env, "rae", &done);
+    let after = server_stamps(&env, "rae", &done).await;
     // s1, s3 and l1 were not sent again; s2 was.
     assert_eq!(
-        [after[0], after[2], after[3]],
-        [before[0], before[2], before[3]]
+        [&after[0], &after[2], &after[3]],
+        [&before[0], &before[2], &before[3]]
     );
     assert_ne!(after[1], before[1]);
     for (name, data) in &files {
         let expected = if name == "s2.txt" { &changed } else { data };
         assert!(
-            std::fs::read(env.server.user_file("rae", name)).unwrap() == *expected,
+            env.server.user_bytes("rae", name).await == *expected,
             "{name}"
         );
     }
@@ -1306,7 +1311,7 @@ async fn get_to_stdout_and_put_from_stdin() {
     .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(out.stdout.is_empty());
-    assert!(std::fs::read(env.server.user_file("pip", "from-stdin.bin")).unwrap() == piped);
+    assert!(env.server.user_bytes("pip", "from-stdin.bin").await == piped);
     assert_eq!(std::fs::read_dir(spool.path()).unwrap().count(), 0);
     // Without a remote name there is nothing to call it.
     let err = env.fails(&["put", "-"]).await;
@@ -1388,8 +1393,5 @@ async fn a_windows_reserved_name_says_so_and_how_to_rename() {
         "{err}"
     );
     env.ok(&["put", "aux.txt", "my-aux.txt"]).await;
-    assert_eq!(
-        std::fs::read(env.server.user_file("win", "my-aux.txt")).unwrap(),
-        b"x"
-    );
+    assert_eq!(env.server.user_bytes("win", "my-aux.txt").await, b"x");
 }

@@ -171,7 +171,7 @@ async fn awkward_names_round_trip_and_escapes_are_refused() {
     assert_eq!(err.code(), Some(ErrorCode::BadName), "{err}");
     let err = client.rm("", true).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::BadName), "{err}");
-    assert!(!server.root.join("files/x").exists());
+    assert!(!server.stored_exists("files/x").await);
 }
 
 #[tokio::test]

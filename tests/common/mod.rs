@@ -1,5 +1,10 @@
 //! Shared fixtures: a real server on 127.0.0.1 port 0 with a temporary root, clients of
 //! the library, and the `netdisk` binary.
+//!
+//! The end-to-end suites run twice: as themselves (files and users on the local disk)
+//! and included by `tests/on_s3.rs`, where [`TestServer`] keeps files and users in a
+//! bucket of a real S3-compatible server (moto) instead. Tests look at what the server
+//! stored through [`TestServer::stored`] and friends, which read either place.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -21,6 +26,9 @@ pub struct TestServer {
     pub fingerprint: Option<String>,
     pub root: PathBuf,
     pub dir: TempDir,
+    /// Where files and users live when this suite runs on S3 (`None`: under `root`).
+    #[cfg(feature = "s3")]
+    pub object_store: Option<netdisk::objstore::ObjectStoreConfig>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -50,6 +58,13 @@ impl TestServer {
         let mut config = ServerConfig::new("127.0.0.1:0", &root);
         config.tls = TlsSetting::Off;
         adjust(&mut config);
+        #[cfg(feature = "s3")]
+        if config.object_store.is_none() {
+            // One prefix per root, so a restart on the same root finds the same bucket data.
+            config.object_store = s3_suite_bucket().map(|bucket| bucket.config_at(&root));
+        }
+        #[cfg(feature = "s3")]
+        let object_store = config.object_store.clone();
         let server = Server::bind(config).await.unwrap();
         let addr = server.local_addr().unwrap();
         let fingerprint = server.fingerprint().map(str::to_string);
@@ -67,6 +82,8 @@ impl TestServer {
             fingerprint,
             root,
             dir,
+            #[cfg(feature = "s3")]
+            object_store,
             stop: Some(stop),
             task: Some(task),
         }
@@ -99,8 +116,136 @@ impl TestServer {
         client
     }
 
+    /// Where `user`'s file `name` is on the local disk (local-only tests).
     pub fn user_file(&self, user: &str, name: &str) -> PathBuf {
         self.root.join("files").join(user).join(name)
+    }
+
+    /// Whether the server keeps its files and users on S3 in this suite.
+    pub fn on_s3(&self) -> bool {
+        #[cfg(feature = "s3")]
+        return self.object_store.is_some();
+        #[cfg(not(feature = "s3"))]
+        false
+    }
+
+    /// The bytes the server stored under `key` (a path from the root: `users.xlsx`,
+    /// `files/USER/NAME`), on disk or in the bucket; `None` when there is none.
+    pub async fn stored(&self, key: &str) -> Option<Vec<u8>> {
+        #[cfg(feature = "s3")]
+        if let Some(store) = &self.object_store {
+            return read_object(store, key).await;
+        }
+        stored_at(&self.root, key).await
+    }
+
+    /// Whether anything (a file, a folder, a folder's content) is stored under `key`.
+    pub async fn stored_exists(&self, key: &str) -> bool {
+        #[cfg(feature = "s3")]
+        if let Some(store) = &self.object_store {
+            let op = store.operator().unwrap();
+            let folder = format!("{}/", key.trim_end_matches('/'));
+            return op.exists(key).await.unwrap()
+                || !op.list_with(&folder).limit(1).await.unwrap().is_empty();
+        }
+        self.root.join(key).exists()
+    }
+
+    /// The names directly inside the stored folder `dir` (files and folders, no `/`).
+    pub async fn stored_names(&self, dir: &str) -> Vec<String> {
+        let dir = dir.trim_end_matches('/');
+        #[cfg(feature = "s3")]
+        if let Some(store) = &self.object_store {
+            let folder = format!("{dir}/");
+            let mut names: Vec<String> = store
+                .operator()
+                .unwrap()
+                .list(&folder)
+                .await
+                .unwrap()
+                .iter()
+                .filter(|e| e.path() != folder)
+                .map(|e| e.name().trim_end_matches('/').to_string())
+                .collect();
+            names.sort();
+            return names;
+        }
+        let mut names: Vec<String> = match std::fs::read_dir(self.root.join(dir)) {
+            Ok(entries) => entries
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => panic!("read {dir}: {e}"),
+        };
+        names.sort();
+        names
+    }
+
+    /// How much of an upload of `size` bytes a cut may lose beyond the bytes in flight:
+    /// nothing locally (every byte written is kept), up to one multipart part on S3
+    /// (only whole parts are uploaded).
+    pub fn unkept_at_cut(&self, size: u64) -> u64 {
+        #[cfg(feature = "s3")]
+        if self.on_s3() {
+            return netdisk::storage::part_size(size);
+        }
+        let _ = size;
+        0
+    }
+
+    /// The unit in which staged bytes that differ from the sender's are sent again: a
+    /// 4 MiB chunk locally, a whole multipart part on S3.
+    pub fn repair_unit(&self, size: u64) -> u64 {
+        self.unkept_at_cut(size).max(netdisk::digest::CHUNK_SIZE)
+    }
+
+    /// The server's file store, opened a second time on the same place (for calling it
+    /// directly, as the server's background jobs do).
+    pub fn storage(&self) -> std::sync::Arc<dyn netdisk::storage::Storage> {
+        let options = netdisk::storage::StorageOptions::default();
+        #[cfg(feature = "s3")]
+        if let Some(store) = &self.object_store {
+            return std::sync::Arc::new(
+                netdisk::storage::ObjectStorage::open(store, options).unwrap(),
+            );
+        }
+        std::sync::Arc::new(netdisk::storage::LocalStorage::open(&self.root, options).unwrap())
+    }
+
+    /// What changes when the object under `key` is written again: its inode and
+    /// modification time on disk, its ETag and Last-Modified on S3.
+    pub async fn stored_stamp(&self, key: &str) -> String {
+        #[cfg(feature = "s3")]
+        if let Some(store) = &self.object_store {
+            let meta = store.operator().unwrap().stat(key).await.unwrap();
+            return format!("{:?} {:?}", meta.etag(), meta.last_modified());
+        }
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(self.root.join(key)).unwrap();
+        format!("{} {}.{}", meta.ino(), meta.mtime(), meta.mtime_nsec())
+    }
+
+    /// `user`'s stored file `name` (panics when it is missing).
+    pub async fn user_bytes(&self, user: &str, name: &str) -> Vec<u8> {
+        let key = format!("files/{user}/{name}");
+        self.stored(&key)
+            .await
+            .unwrap_or_else(|| panic!("{key} is not stored"))
+    }
+
+    /// Whether `user`'s file or folder `name` is stored.
+    pub async fn user_has(&self, user: &str, name: &str) -> bool {
+        self.stored_exists(&format!("files/{user}/{name}")).await
+    }
+
+    /// True, with a note, when this test looks at the local file system itself (inodes,
+    /// symlinks, modes) and the suite runs on S3, where there is no such thing.
+    pub fn local_only(&self, why: &str) -> bool {
+        let skip = self.on_s3();
+        if skip {
+            eprintln!("not on S3: {why}");
+        }
+        skip
     }
 }
 
@@ -109,6 +254,53 @@ impl Drop for TestServer {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+}
+
+/// A server config for the root `root` as [`TestServer`] would make it (TLS off; files
+/// and users in this suite's bucket when it runs on S3), for tests that bind themselves.
+pub fn server_config(root: &Path) -> ServerConfig {
+    let mut config = ServerConfig::new("127.0.0.1:0", root);
+    config.tls = TlsSetting::Off;
+    #[cfg(feature = "s3")]
+    {
+        config.object_store = s3_suite_bucket().map(|bucket| bucket.config_at(root));
+    }
+    config
+}
+
+/// Store `bytes` under `key` where a server on `root` will look (before it starts).
+pub async fn store_before_start(root: &Path, key: &str, bytes: &[u8]) {
+    #[cfg(feature = "s3")]
+    if let Some(bucket) = s3_suite_bucket() {
+        let op = bucket.config_at(root).operator().unwrap();
+        op.write(key, bytes.to_vec()).await.unwrap();
+        return;
+    }
+    let path = root.join(key);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// What is stored under `key` for a server on `root` (as [`TestServer::stored`]).
+pub async fn stored_at(root: &Path, key: &str) -> Option<Vec<u8>> {
+    #[cfg(feature = "s3")]
+    if let Some(bucket) = s3_suite_bucket() {
+        return read_object(&bucket.config_at(root), key).await;
+    }
+    match std::fs::read(root.join(key)) {
+        Ok(bytes) => Some(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => panic!("read {key}: {e}"),
+    }
+}
+
+#[cfg(feature = "s3")]
+async fn read_object(store: &netdisk::objstore::ObjectStoreConfig, key: &str) -> Option<Vec<u8>> {
+    match store.operator().unwrap().read(key).await {
+        Ok(bytes) => Some(bytes.to_vec()),
+        Err(e) if e.kind() == opendal::ErrorKind::NotFound => None,
+        Err(e) => panic!("read {key} from the bucket: {e}"),
     }
 }
 
@@ -253,8 +445,24 @@ impl S3Bucket {
     /// The bucket as `netdisk serve --storage s3://BUCKET/netdisk` with [`S3Bucket::env`].
     #[cfg(feature = "s3")]
     pub fn config(&self) -> netdisk::objstore::ObjectStoreConfig {
-        let mut config =
-            netdisk::objstore::ObjectStoreConfig::from_url(&self.url("netdisk")).unwrap();
+        self.config_with_prefix("netdisk")
+    }
+
+    /// The bucket with a prefix of its own for the server root `root` (a fresh temporary
+    /// folder per test, so tests sharing the bucket never meet).
+    #[cfg(feature = "s3")]
+    pub fn config_at(&self, root: &Path) -> netdisk::objstore::ObjectStoreConfig {
+        let prefix: String = root
+            .to_string_lossy()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        self.config_with_prefix(prefix.trim_matches('-'))
+    }
+
+    #[cfg(feature = "s3")]
+    fn config_with_prefix(&self, prefix: &str) -> netdisk::objstore::ObjectStoreConfig {
+        let mut config = netdisk::objstore::ObjectStoreConfig::from_url(&self.url(prefix)).unwrap();
         config.endpoint = Some(self.endpoint.clone());
         config.region = Some("us-east-1".to_string());
         config.access_key_id = Some("netdisk-test".to_string());
@@ -271,6 +479,18 @@ impl S3Bucket {
             ("AWS_SECRET_ACCESS_KEY", "netdisk-test-secret".to_string()),
         ]
     }
+}
+
+/// The bucket of the suites included by `tests/on_s3.rs` (their module path starts
+/// with `on_s3::`); `None` in every other test binary, or when there is no S3 server and
+/// NETDISK_TEST_REQUIRE_S3 is not set (then the suite runs on the local disk again).
+pub fn s3_suite_bucket() -> Option<&'static S3Bucket> {
+    use std::sync::OnceLock;
+    static BUCKET: OnceLock<Option<S3Bucket>> = OnceLock::new();
+    if !module_path!().starts_with("on_s3::") {
+        return None;
+    }
+    BUCKET.get_or_init(s3_bucket).as_ref()
 }
 
 /// A fresh bucket on this test binary's moto server (started on first use, stopped when
