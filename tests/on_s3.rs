@@ -4,6 +4,9 @@
 //! and start every server with `--storage s3://BUCKET/PREFIX`. The few tests that look
 //! at the local file system itself (symlinks, inodes, modes) say so and return early.
 #![cfg(feature = "s3")]
+// Each suite declares `mod common;`: here each keeps its own copy of the fixtures (and of
+// their moto server), exactly as when it runs alone.
+#![allow(clippy::duplicate_mod)]
 
 #[path = "accounts.rs"]
 mod accounts;
