@@ -674,4 +674,20 @@ async fn a_retired_account_leaves_nothing_to_the_next_one() {
     assert!(a.versions("rita", "dir/f").await.unwrap().is_empty());
     assert!(a.list_partial("rita").await.unwrap().is_empty());
     assert_eq!(a.usage("rita").await.unwrap(), Default::default());
+
+    // A retirement cut short by a crash (its journal written, nothing moved yet) is
+    // finished by the next login's create_user, before the new account sees anything.
+    put(&a, "rita", "left", b"an old file").await;
+    let op = config.operator().unwrap();
+    op.write("retiring/rita", "retired/rita-crashed/")
+        .await
+        .unwrap();
+    b.create_user("rita").await.unwrap();
+    assert!(names(&a, "rita", "").await.is_empty());
+    let moved = op.read("retired/rita-crashed/files/left").await.unwrap();
+    assert_eq!(moved.to_vec(), b"an old file");
+    assert!(
+        op.stat("retiring/rita").await.is_err(),
+        "the journal is gone"
+    );
 }

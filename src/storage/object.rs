@@ -7,7 +7,7 @@
 //! files/USER/PATH/             a folder marker (empty folders exist and are listed)
 //! manifests/USER/KEY           chunk hashes of files/USER/PATH, first line the object's
 //!                              stamp (ETag) so a stale manifest is detected (KEY = hash
-//!                              of the path)
+//!                              of the path); only for files of more than one chunk
 //! partial/USER/KEY.json        a staged upload's record: path, size, part size, the
 //!                              multipart upload id, each part's ETag and chunk hashes,
 //!                              and a lease (owner, expiry) that makes it busy elsewhere
@@ -16,6 +16,8 @@
 //! versions/USER/KEY/ID.f       an overwritten or removed file (a server-side copy)
 //! versions/USER/KEY/ID.d/...   a removed folder's objects
 //! retired/USER-TIME/...        what `retire_user` moved aside
+//! retiring/USER                a retirement in progress (its destination), finished by
+//!                              the next `create_user` after a crash
 //! ```
 //! Nothing is locked in memory across servers: an upload's claim is its record, written
 //! conditionally (If-None-Match / If-Match) with a lease; a commit is a conditional PUT
@@ -692,6 +694,45 @@ impl Inner {
     }
 }
 
+impl Inner {
+    fn retiring_key(user: &str) -> String {
+        format!("retiring/{user}")
+    }
+
+    /// Move everything of `user` under `place`; whether there was anything. Staged uploads
+    /// are aborted, not moved (no one could resume them, and an aborted multipart upload
+    /// cannot be completed by a connection of the old account still open on another
+    /// server); files go before versions, as a commit writes the version first; an object
+    /// replaced meanwhile is moved again rather than deleted unseen.
+    async fn retire_into(&self, user: &str, place: &str) -> Result<bool> {
+        let mut moved = false;
+        for (record, _) in self.list_partial(user).await? {
+            self.drop_staged(user, &record).await?;
+        }
+        for area in ["files", "versions", "manifests", "partial"] {
+            let prefix = format!("{area}/{user}/");
+            for entry in self.list_tree(&prefix).await? {
+                let to = format!("{place}{area}/{}", &entry.path()[prefix.len()..]);
+                let mut etag = entry.metadata().etag().map(str::to_string);
+                for _ in 0..COMMIT_TRIES {
+                    self.copy(entry.path(), &to).await?;
+                    if self.delete_if(entry.path(), etag.as_deref()).await? {
+                        break;
+                    }
+                    match self.stat_object(entry.path()).await? {
+                        Some(meta) => etag = meta.etag().map(str::to_string),
+                        None => break,
+                    }
+                }
+                moved = true;
+            }
+            self.delete(&prefix).await?;
+        }
+        self.forget_usage(user);
+        Ok(moved)
+    }
+}
+
 /// One page of a folder: the `limit` smallest entry names after `after`, from the folder's
 /// keys offered in any order (memory stays bounded however big the folder is).
 ///
@@ -951,8 +992,21 @@ impl ObjectStorage {
 
 #[async_trait]
 impl Storage for ObjectStorage {
+    /// Also finishes a retirement of the name cut short by a crash (`retiring/USER`), so
+    /// the new account, whose first login comes here, never sees the old one's files.
     async fn create_user(&self, user: &str) -> Result<()> {
         check_user_name(user)?;
+        let journal = Inner::retiring_key(user);
+        match self.inner.op.read(&journal).await {
+            Ok(place) => {
+                let place = String::from_utf8_lossy(&place.to_vec()).into_owned();
+                tracing::warn!(user, place, "finishing a retirement cut short");
+                self.inner.retire_into(user, &place).await?;
+                self.inner.delete(&journal).await?;
+            }
+            Err(e) if not_found(&e) => {}
+            Err(e) => return Err(object_error(e)),
+        }
         self.inner
             .op
             .create_dir(&Inner::dir_key(user, ""))
@@ -960,39 +1014,20 @@ impl Storage for ObjectStorage {
             .map_err(object_error)
     }
 
-    /// Not atomic on S3 (one copy and delete per object; see docs/DEPLOY.md): staged
-    /// uploads are aborted, not moved (no one could resume them, and an aborted multipart
-    /// upload cannot be completed by a connection of the old account still open on another
-    /// server); files go before versions, as a commit writes the version first; an object
-    /// replaced meanwhile is moved again rather than deleted unseen.
+    /// Not atomic on S3 (one copy and delete per object; see docs/DEPLOY.md), so the
+    /// destination is written first to `retiring/USER`: a crash midway is finished by the
+    /// next `create_user` of the name.
     async fn retire_user(&self, user: &str) -> Result<Option<String>> {
         check_user_name(user)?;
-        let inner = &self.inner;
         let place = format!("retired/{user}-{}/", unix_secs());
-        let mut moved = false;
-        for (record, _) in inner.list_partial(user).await? {
-            inner.drop_staged(user, &record).await?;
-        }
-        for area in ["files", "versions", "manifests", "partial"] {
-            let prefix = format!("{area}/{user}/");
-            for entry in inner.list_tree(&prefix).await? {
-                let to = format!("{place}{area}/{}", &entry.path()[prefix.len()..]);
-                let mut etag = entry.metadata().etag().map(str::to_string);
-                for _ in 0..COMMIT_TRIES {
-                    inner.copy(entry.path(), &to).await?;
-                    if inner.delete_if(entry.path(), etag.as_deref()).await? {
-                        break;
-                    }
-                    match inner.stat_object(entry.path()).await? {
-                        Some(meta) => etag = meta.etag().map(str::to_string),
-                        None => break,
-                    }
-                }
-                moved = true;
-            }
-            inner.delete(&prefix).await?;
-        }
-        inner.forget_usage(user);
+        let journal = Inner::retiring_key(user);
+        self.inner
+            .op
+            .write(&journal, place.clone().into_bytes())
+            .await
+            .map_err(object_error)?;
+        let moved = self.inner.retire_into(user, &place).await?;
+        self.inner.delete(&journal).await?;
         Ok(moved.then_some(place))
     }
 
