@@ -67,6 +67,7 @@ async fn names(storage: &dyn Storage, user: &str, dir: &str) -> Vec<String> {
 /// The whole contract, each part with a user of its own.
 async fn contract(storage: Arc<dyn Storage>) {
     listing_pages_and_stat(&*storage).await;
+    pages_follow_names_not_keys(&*storage).await;
     folders_are_made_and_refused(&*storage).await;
     uploads_commit_and_read_in_ranges(&*storage).await;
     overwrite_and_remove_keep_versions(&*storage).await;
@@ -106,6 +107,71 @@ async fn listing_pages_and_stat(s: &dyn Storage) {
     assert_eq!(err.code(), Some(ErrorCode::NotFound), "{err}");
     let err = s.list("lena", "nope", None, 10).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::NotFound), "{err}");
+}
+
+/// Every page of `dir` with at most `limit` entries, collected until `next` is `None`.
+async fn all_pages(s: &dyn Storage, user: &str, dir: &str, limit: usize) -> Vec<(String, Kind)> {
+    let mut all: Vec<(String, Kind)> = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = s.list(user, dir, after.as_deref(), limit).await.unwrap();
+        assert!(page.entries.len() <= limit, "limit {limit}: {page:?}");
+        for entry in page.entries {
+            if let Some((last, _)) = all.last() {
+                assert!(
+                    entry.name > *last,
+                    "limit {limit}: {} after {last}",
+                    entry.name
+                );
+            }
+            all.push((entry.name, entry.kind));
+        }
+        match page.next {
+            Some(next) => {
+                assert_eq!(Some(&next), all.last().map(|(n, _)| n), "limit {limit}");
+                after = Some(next);
+            }
+            None => return all,
+        }
+    }
+}
+
+async fn pages_follow_names_not_keys(s: &dyn Storage) {
+    s.create_user("page").await.unwrap();
+    // On object storage a folder's key is its name and `/`, which sorts after the names
+    // that continue with a byte below `/` (space, `!`, `+`, `-`, `.`): pages must follow
+    // the names, not the keys.
+    let folders = ["a", "a b", "x"];
+    let files = [
+        "a!", "a b.txt", "a+b", "a-1", "a.txt", "ab", "A", "x y", "x.1", "é", "😀", "~",
+    ];
+    for dir in folders {
+        s.mkdir("page", dir, false).await.unwrap();
+    }
+    put(s, "page", "a b/inside", b"in a folder").await;
+    for name in files {
+        put(s, "page", name, name.as_bytes()).await;
+    }
+    let mut expected: Vec<(String, Kind)> = folders
+        .iter()
+        .map(|n| (n.to_string(), Kind::Dir))
+        .chain(files.iter().map(|n| (n.to_string(), Kind::File)))
+        .collect();
+    expected.sort();
+    for limit in [1, 2, 3, 4, 7, 1000] {
+        assert_eq!(
+            all_pages(s, "page", "", limit).await,
+            expected,
+            "limit {limit}"
+        );
+    }
+    // After a name that is not there, and in a sub-folder.
+    let page = s.list("page", "", Some("a,"), 2).await.unwrap();
+    let got: Vec<_> = page.entries.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(got, ["a-1", "a.txt"]);
+    assert_eq!(names(s, "page", "a b").await, ["inside"]);
+    let err = s.list("page", "a.txt", None, 10).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::WrongType), "{err}");
 }
 
 async fn folders_are_made_and_refused(s: &dyn Storage) {
@@ -525,4 +591,103 @@ async fn the_server_on_s3_serves_put_get_resume_ls_mkdir_mv_rm() {
         .await
         .unwrap();
     assert_eq!(std::fs::read(&out).unwrap(), resumed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_keeps_what_another_server_wrote_or_removed_meanwhile() {
+    let Some(bucket) = common::s3_bucket() else {
+        return;
+    };
+    let config = s3_config(&bucket, "race");
+    let a = ObjectStorage::open(&config, StorageOptions::default()).unwrap();
+    let b = ObjectStorage::open(&config, StorageOptions::default()).unwrap();
+    a.create_user("olga").await.unwrap();
+    let sizes = |versions: Vec<netdisk::storage::Version>| {
+        let mut sizes: Vec<u64> = versions.iter().map(|v| v.size).collect();
+        sizes.sort();
+        sizes
+    };
+
+    // A small file: A stages it, B commits another one to the same path, A commits.
+    put(&a, "olga", "doc", b"one").await;
+    let mut upload = a.begin_upload("olga", "doc", 5, false).await.unwrap();
+    send(&mut upload, b"three", 0).await;
+    put(&b, "olga", "doc", b"two!").await;
+    upload.commit(&digest_of(b"three"), None).await.unwrap();
+    assert_eq!(read_all(&b, "olga", "doc").await, b"three");
+    assert_eq!(sizes(b.versions("olga", "doc").await.unwrap()), [3, 4]);
+
+    // A file of several parts (a multipart upload: its record keeps other servers from
+    // uploading the same path, but not from moving or removing what is there).
+    let big = random_bytes(20 * MIB + 1, 8);
+    put(&a, "olga", "big", b"small").await;
+    let mut upload = a
+        .begin_upload("olga", "big", big.len() as u64, false)
+        .await
+        .unwrap();
+    send(&mut upload, &big, 0).await;
+    b.rename("olga", "big", "moved", false).await.unwrap();
+    upload.commit(&digest_of(&big), None).await.unwrap();
+    assert_eq!(read_all(&b, "olga", "big").await, big);
+    assert_eq!(read_all(&b, "olga", "moved").await, b"small");
+
+    // Over a file B removed meanwhile: the commit creates it again.
+    let mut upload = a
+        .begin_upload("olga", "big", big.len() as u64, false)
+        .await
+        .unwrap();
+    send(&mut upload, &big, 0).await;
+    b.remove("olga", "big", false).await.unwrap();
+    upload.commit(&digest_of(&big), None).await.unwrap();
+    assert_eq!(read_all(&b, "olga", "big").await, big);
+    assert_eq!(
+        sizes(b.versions("olga", "big").await.unwrap()),
+        [big.len() as u64]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_account_leaves_nothing_to_the_next_one() {
+    let Some(bucket) = common::s3_bucket() else {
+        return;
+    };
+    let config = s3_config(&bucket, "retire");
+    let a = ObjectStorage::open(&config, StorageOptions::default()).unwrap();
+    let b = ObjectStorage::open(&config, StorageOptions::default()).unwrap();
+    a.create_user("rita").await.unwrap();
+    put(&a, "rita", "dir/f", b"old file").await;
+    put(&a, "rita", "dir/f", b"replaced").await;
+    // An upload of the old account in progress on another server.
+    let big = random_bytes(20 * MIB, 9);
+    let mut upload = b
+        .begin_upload("rita", "late.bin", big.len() as u64, false)
+        .await
+        .unwrap();
+    send(&mut upload, &big, 0).await;
+
+    let place = a.retire_user("rita").await.unwrap().unwrap();
+    assert!(place.starts_with("retired/rita-"), "{place}");
+    a.create_user("rita").await.unwrap();
+    // The late commit cannot land in the new account: its multipart upload was aborted.
+    assert!(upload.commit(&digest_of(&big), None).await.is_err());
+    assert!(names(&a, "rita", "").await.is_empty());
+    assert!(a.versions("rita", "dir/f").await.unwrap().is_empty());
+    assert!(a.list_partial("rita").await.unwrap().is_empty());
+    assert_eq!(a.usage("rita").await.unwrap(), Default::default());
+
+    // A retirement cut short by a crash (its journal written, nothing moved yet) is
+    // finished by the next login's create_user, before the new account sees anything.
+    put(&a, "rita", "left", b"an old file").await;
+    let op = config.operator().unwrap();
+    op.write("retiring/rita", "retired/rita-crashed/")
+        .await
+        .unwrap();
+    b.create_user("rita").await.unwrap();
+    assert!(names(&a, "rita", "").await.is_empty());
+    let moved = op.read("retired/rita-crashed/files/left").await.unwrap();
+    assert_eq!(moved.to_vec(), b"an old file");
+    assert!(
+        op.stat("retiring/rita").await.is_err(),
+        "the journal is gone"
+    );
 }

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use super::fsat::{self, DIR_MODE, FILE_MODE};
 use super::{
     split_path, Committed, Durable, Entry, Expired, FileRead, Kind, Page, Partial, Removed,
-    Storage, Upload, Usage, Version,
+    Storage, Upload, UploadLock, Usage, Version,
 };
 use crate::digest::{file_digest, hash_reader, ChunkHash, ChunkHasher, CHUNK_SIZE};
 use crate::error::{Error, ErrorCode, Result};
@@ -1799,38 +1799,6 @@ fn missing_bytes(hashes: &Path, size: u64) -> u64 {
         .filter(|(_, hash)| *hash == &MISSING_CHUNK[..])
         .map(|(i, _)| chunk_len(i as u64, size))
         .sum()
-}
-
-/// Claim of one (user, path) upload slot, released on drop.
-struct UploadLock {
-    set: Arc<Mutex<HashSet<(String, String)>>>,
-    key: (String, String),
-}
-
-impl UploadLock {
-    fn take(
-        set: &Arc<Mutex<HashSet<(String, String)>>>,
-        user: &str,
-        name: &str,
-    ) -> Result<UploadLock> {
-        let key = (user.to_string(), name.to_string());
-        if !set.lock().unwrap().insert(key.clone()) {
-            return Err(Error::remote(
-                ErrorCode::Busy,
-                format!("{name} is being uploaded by another connection; try again later"),
-            ));
-        }
-        Ok(UploadLock {
-            set: set.clone(),
-            key,
-        })
-    }
-}
-
-impl Drop for UploadLock {
-    fn drop(&mut self) {
-        self.set.lock().unwrap().remove(&self.key);
-    }
 }
 
 struct PartialPaths {

@@ -21,15 +21,16 @@ mod local;
 #[cfg(feature = "s3")]
 mod object;
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
 use crate::digest::ChunkHash;
-use crate::error::Result;
+use crate::error::{Error, ErrorCode, Result};
 
 pub use local::{LocalStorage, StorageOptions};
 #[cfg(feature = "s3")]
@@ -241,6 +242,40 @@ pub trait Upload: Send {
     ) -> Result<Committed>;
 }
 
+/// Claim of one (user, path) upload slot in this process, released on drop: two
+/// connections of one server never stage the same path at once. (Across servers sharing a
+/// bucket, the staged upload's record in the bucket is the claim.)
+struct UploadLock {
+    set: Arc<Mutex<HashSet<(String, String)>>>,
+    key: (String, String),
+}
+
+impl UploadLock {
+    fn take(
+        set: &Arc<Mutex<HashSet<(String, String)>>>,
+        user: &str,
+        path: &str,
+    ) -> Result<UploadLock> {
+        let key = (user.to_string(), path.to_string());
+        if !set.lock().unwrap().insert(key.clone()) {
+            return Err(Error::remote(
+                ErrorCode::Busy,
+                format!("{path} is being uploaded by another connection; try again later"),
+            ));
+        }
+        Ok(UploadLock {
+            set: set.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for UploadLock {
+    fn drop(&mut self) {
+        self.set.lock().unwrap().remove(&self.key);
+    }
+}
+
 /// A time as ISO 8601 UTC with second precision, e.g. `2026-11-23T17:05:49Z`.
 pub fn iso8601(time: SystemTime) -> String {
     let time = time::OffsetDateTime::from(time);
@@ -252,7 +287,6 @@ pub fn iso8601(time: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::ErrorCode;
 
     #[test]
     fn paths_split_into_checked_components() {

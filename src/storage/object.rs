@@ -7,7 +7,7 @@
 //! files/USER/PATH/             a folder marker (empty folders exist and are listed)
 //! manifests/USER/KEY           chunk hashes of files/USER/PATH, first line the object's
 //!                              stamp (ETag) so a stale manifest is detected (KEY = hash
-//!                              of the path)
+//!                              of the path); only for files of more than one chunk
 //! partial/USER/KEY.json        a staged upload's record: path, size, part size, the
 //!                              multipart upload id, each part's ETag and chunk hashes,
 //!                              and a lease (owner, expiry) that makes it busy elsewhere
@@ -16,6 +16,8 @@
 //! versions/USER/KEY/ID.f       an overwritten or removed file (a server-side copy)
 //! versions/USER/KEY/ID.d/...   a removed folder's objects
 //! retired/USER-TIME/...        what `retire_user` moved aside
+//! retiring/USER                a retirement in progress (its destination), finished by
+//!                              the next `create_user` after a crash
 //! ```
 //! Nothing is locked in memory across servers: an upload's claim is its record, written
 //! conditionally (If-None-Match / If-Match) with a lease; a commit is a conditional PUT
@@ -24,7 +26,7 @@
 
 mod multipart;
 
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -38,7 +40,7 @@ pub use multipart::S3Multipart;
 use super::fsat;
 use super::{
     split_path, Committed, Durable, Entry, Expired, FileRead, Kind, Page, Partial, Removed,
-    Storage, StorageOptions, Upload, Usage, Version,
+    Storage, StorageOptions, Upload, UploadLock, Usage, Version,
 };
 use crate::digest::{file_digest, ChunkHash, ChunkHasher, CHUNK_SIZE};
 use crate::error::{Error, ErrorCode, Result};
@@ -302,7 +304,8 @@ impl Inner {
     }
 
     /// What is at `path`: a file (with its metadata), a folder, or nothing. A folder
-    /// exists by its marker or by anything below it.
+    /// exists by its marker or by anything below it. Two requests at most: the file's HEAD,
+    /// then one listing of the folder's prefix.
     async fn kind_at(&self, user: &str, path: &str) -> Result<Option<(Kind, opendal::Metadata)>> {
         if path.is_empty() {
             return Ok(Some((Kind::Dir, opendal::MetadataBuilder::dir().build())));
@@ -312,19 +315,35 @@ impl Inner {
                 return Ok(Some((Kind::File, meta)));
             }
         }
-        let dir = Self::dir_key(user, path);
-        if let Some(meta) = self.stat_object(&dir).await? {
-            return Ok(Some((Kind::Dir, meta)));
+        let folder = self.folder_at(&Self::dir_key(user, path)).await?;
+        Ok(folder.map(|meta| (Kind::Dir, meta)))
+    }
+
+    /// The folder whose marker (and listing prefix) is `dir`: its marker's metadata (or a
+    /// folder's without a time when only keys below it exist), or `None`.
+    async fn folder_at(&self, dir: &str) -> Result<Option<opendal::Metadata>> {
+        use futures_util::TryStreamExt;
+        if let Some(s3) = &self.multipart {
+            // The marker is the smallest key with the prefix: one request says it all.
+            let listed = s3.list_keys(dir, None, None, 1).await?;
+            let mut meta = opendal::MetadataBuilder::dir();
+            if let Some((_, _, modified, _)) = listed.objects.iter().find(|o| o.0 == dir) {
+                if let Ok(time) = opendal::raw::Timestamp::try_from(*modified) {
+                    meta.last_modified(time);
+                }
+            }
+            let any = !listed.objects.is_empty() || !listed.folders.is_empty();
+            return Ok(any.then(|| meta.build()));
         }
-        let below = self
-            .op
-            .list_with(&dir)
-            .limit(1)
-            .await
-            .unwrap_or_default()
-            .into_iter()
-            .any(|e| e.path() != dir);
-        Ok(below.then(|| (Kind::Dir, opendal::MetadataBuilder::dir().build())))
+        if let Some(meta) = self.stat_object(dir).await? {
+            return Ok(Some(meta));
+        }
+        let below = match self.op.lister_with(dir).limit(1).await {
+            Ok(mut lister) => lister.try_next().await.map_err(object_error)?.is_some(),
+            Err(e) if not_found(&e) => false,
+            Err(e) => return Err(object_error(e)),
+        };
+        Ok(below.then(|| opendal::MetadataBuilder::dir().build()))
     }
 
     /// The folder holding `path` exists (else NotFound, or WrongType for a file).
@@ -340,7 +359,21 @@ impl Inner {
     /// Markers for every folder above `components`' last one (a file committed to a new
     /// folder, `mkdir -p`). A file in the way is refused.
     async fn make_parents(&self, user: &str, components: &[&str], path: &str) -> Result<()> {
-        for depth in 1..components.len() {
+        // netdisk makes every folder above the ones it makes: the deepest marker found
+        // means the folders above it exist (one request for a file put into a folder).
+        let mut depth = components.len().saturating_sub(1);
+        while depth > 0 {
+            let dir = components[..depth].join("/");
+            if self
+                .stat_object(&Self::dir_key(user, &dir))
+                .await?
+                .is_some()
+            {
+                break;
+            }
+            depth -= 1;
+        }
+        for depth in depth + 1..components.len() {
             let dir = components[..depth].join("/");
             match self.kind_at(user, &dir).await? {
                 Some((Kind::Dir, _)) => {}
@@ -371,6 +404,48 @@ impl Inner {
             .map_err(object_error)
     }
 
+    /// Write `body` to `key`, replacing `old` (what was looked at; `None`: nothing) only
+    /// if it is still there, where the service can check: If-Match on its ETag, or
+    /// If-None-Match.
+    async fn put_replacing(
+        &self,
+        key: &str,
+        body: opendal::Buffer,
+        old: Option<&opendal::Metadata>,
+    ) -> Result<Stored> {
+        let capability = self.op.info().capability();
+        let mut write = self.op.write_with(key, body);
+        match old.map(|meta| meta.etag()) {
+            Some(Some(etag)) if capability.write_with_if_match => write = write.if_match(etag),
+            None if capability.write_with_if_not_exists => write = write.if_not_exists(true),
+            _ => {}
+        }
+        match write.await {
+            Ok(meta) => Ok(Stored::Done(meta.etag().map(str::to_string))),
+            // NotFound: If-Match on a file removed meanwhile.
+            Err(e) if e.kind() == ErrorKind::ConditionNotMatch || not_found(&e) => Ok(Stored::Lost),
+            Err(e) => Err(object_error(e)),
+        }
+    }
+
+    /// Delete `key` only while it is the version `etag` names (where the service checks
+    /// it): an object another server replaced meanwhile stays, as the newer write. `false`
+    /// when it stayed.
+    async fn delete_if(&self, key: &str, etag: Option<&str>) -> Result<bool> {
+        let mut delete = self.op.delete_with(key);
+        if let Some(etag) = etag {
+            if self.op.info().capability().delete_with_if_match {
+                delete = delete.if_match(etag);
+            }
+        }
+        match delete.await {
+            Ok(()) => Ok(true),
+            Err(e) if not_found(&e) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::ConditionNotMatch => Ok(false),
+            Err(e) => Err(object_error(e)),
+        }
+    }
+
     async fn delete(&self, key: &str) -> Result<()> {
         match self.op.delete(key).await {
             Ok(()) => Ok(()),
@@ -379,13 +454,34 @@ impl Inner {
         }
     }
 
-    /// Keep the file at `path` as its newest version (a server-side copy), then only the
-    /// newest `keep_versions`.
-    async fn keep_file_version(&self, user: &str, path: &str) -> Result<()> {
+    /// Keep the file at `path` (of `size` bytes) as its newest version (a server-side
+    /// copy), then only the newest `keep_versions`. `false`: the file is gone (removed by
+    /// another server since it was looked at).
+    async fn keep_file_version(&self, user: &str, path: &str, size: u64) -> Result<bool> {
         let dir = self.version_dir(user, path).await?;
         let to = format!("{dir}{:020}.f", unix_nanos());
-        self.copy(&Self::file_key(user, path), &to).await?;
-        self.prune_path(&dir, self.options.keep_versions).await
+        let from = Self::file_key(user, path);
+        let copied = if self.op.info().capability().copy {
+            // The size is known: no HEAD of the source first. The copy is of whatever is
+            // there now; a writer replacing the file checks its ETag afterwards.
+            self.op
+                .copy_with(&from, &to)
+                .source_content_length_hint(size)
+                .await
+                .map(drop)
+        } else {
+            match self.op.read(&from).await {
+                Ok(bytes) => self.op.write(&to, bytes).await.map(drop),
+                Err(e) => Err(e),
+            }
+        };
+        match copied {
+            Ok(()) => {}
+            Err(e) if not_found(&e) => return Ok(false),
+            Err(e) => return Err(object_error(e)),
+        }
+        self.prune_path(&dir, self.options.keep_versions).await?;
+        Ok(true)
     }
 
     /// `versions/USER/KEY/`, with its `path` record written on first use.
@@ -598,6 +694,210 @@ impl Inner {
     }
 }
 
+impl Inner {
+    fn retiring_key(user: &str) -> String {
+        format!("retiring/{user}")
+    }
+
+    /// Move everything of `user` under `place`; whether there was anything. Staged uploads
+    /// are aborted, not moved (no one could resume them, and an aborted multipart upload
+    /// cannot be completed by a connection of the old account still open on another
+    /// server); files go before versions, as a commit writes the version first; an object
+    /// replaced meanwhile is moved again rather than deleted unseen.
+    async fn retire_into(&self, user: &str, place: &str) -> Result<bool> {
+        let mut moved = false;
+        for (record, _) in self.list_partial(user).await? {
+            self.drop_staged(user, &record).await?;
+        }
+        for area in ["files", "versions", "manifests", "partial"] {
+            let prefix = format!("{area}/{user}/");
+            for entry in self.list_tree(&prefix).await? {
+                let to = format!("{place}{area}/{}", &entry.path()[prefix.len()..]);
+                let mut etag = entry.metadata().etag().map(str::to_string);
+                for _ in 0..COMMIT_TRIES {
+                    self.copy(entry.path(), &to).await?;
+                    if self.delete_if(entry.path(), etag.as_deref()).await? {
+                        break;
+                    }
+                    match self.stat_object(entry.path()).await? {
+                        Some(meta) => etag = meta.etag().map(str::to_string),
+                        None => break,
+                    }
+                }
+                moved = true;
+            }
+            self.delete(&prefix).await?;
+        }
+        self.forget_usage(user);
+        Ok(moved)
+    }
+}
+
+/// One page of a folder: the `limit` smallest entry names after `after`, from the folder's
+/// keys offered in any order (memory stays bounded however big the folder is).
+///
+/// A folder's key is its name and `/`, so keys and names sort alike except around bytes
+/// below `/`: the folder `a` (key `a/`) sorts after the file `a.txt` by key but before it
+/// by name. [`PageOfNames::settled`] says when no key still to come can enter the page.
+struct PageOfNames<'a> {
+    after: Option<&'a str>,
+    limit: usize,
+    entries: BTreeMap<String, (Kind, u64, SystemTime)>,
+    /// A valid name after the kept ones was seen: there is a next page.
+    more: bool,
+    /// Any key under the folder was seen (so the folder exists).
+    seen: bool,
+}
+
+impl<'a> PageOfNames<'a> {
+    fn new(after: Option<&'a str>, limit: usize) -> PageOfNames<'a> {
+        PageOfNames {
+            after,
+            limit,
+            entries: BTreeMap::new(),
+            more: false,
+            seen: false,
+        }
+    }
+
+    /// A key relative to the folder (`NAME` for a file, `NAME/` for a folder).
+    fn offer(&mut self, key: &str, size: u64, modified: SystemTime) {
+        self.seen = true;
+        let (name, kind) = match key.strip_suffix('/') {
+            Some(name) => (name, Kind::Dir),
+            None => (key, Kind::File),
+        };
+        if name.is_empty()
+            || name.contains('/')
+            || self.after.is_some_and(|after| name <= after)
+            || crate::names::check_file_name(name).is_err()
+        {
+            return;
+        }
+        if let Some(kept) = self.entries.get_mut(name) {
+            // A name both a file and a folder (keys written by hand): the file, as `stat`.
+            if kind == Kind::File {
+                *kept = (kind, size, modified);
+            }
+            return;
+        }
+        if self.entries.len() == self.limit {
+            let largest = self.entries.last_key_value().map(|(n, _)| n.as_str());
+            if largest.is_some_and(|largest| name > largest) {
+                self.more = true;
+                return;
+            }
+        }
+        let size = if kind == Kind::File { size } else { 0 };
+        self.entries
+            .insert(name.to_string(), (kind, size, modified));
+        if self.entries.len() > self.limit {
+            self.entries.pop_last();
+            self.more = true;
+        }
+    }
+
+    /// Whether the page is final once every key up to `listed` (relative to the folder)
+    /// has been offered: it is full, and no later key can have a smaller name than its last
+    /// one. Only a folder whose name is a prefix of that last name, followed there by a
+    /// byte below `/`, can (`a/` after `a.txt`); the shortest such prefix has the largest key.
+    fn settled(&self, listed: &str) -> bool {
+        if self.entries.len() < self.limit {
+            return false;
+        }
+        let Some((last, _)) = self.entries.last_key_value() else {
+            return false;
+        };
+        match last.bytes().skip(1).position(|b| b < b'/') {
+            None => true,
+            Some(at) => format!("{}/", &last[..at + 1]).as_str() <= listed,
+        }
+    }
+
+    /// The page; `complete`: every key of the folder was offered.
+    fn finish(self, complete: bool) -> Page {
+        let next = (self.more || !complete)
+            .then(|| self.entries.last_key_value().map(|(n, _)| n.clone()))
+            .flatten();
+        let entries = self
+            .entries
+            .into_iter()
+            .map(|(name, (kind, size, modified))| Entry {
+                name,
+                kind,
+                size,
+                modified,
+            })
+            .collect();
+        Page { entries, next }
+    }
+}
+
+impl Inner {
+    /// A page of the folder at `prefix` from S3, one ListObjectsV2 response at a time from
+    /// the page's first possible key, until the page is settled: a page of a folder of any
+    /// size usually costs one request. Returns whether the folder was listed to its end.
+    async fn list_folder_s3(
+        &self,
+        s3: &S3Multipart,
+        prefix: &str,
+        page: &mut PageOfNames<'_>,
+    ) -> Result<bool> {
+        // Every name after `after` has a key after it (a name is a prefix of its key); the
+        // folder's own marker (`prefix`) is skipped on the first page.
+        let start = format!("{prefix}{}", page.after.unwrap_or(""));
+        let max_keys = (page.limit + 1).min(1000);
+        let mut token = None;
+        loop {
+            let listed = s3
+                .list_keys(prefix, Some(&start), token.as_deref(), max_keys)
+                .await?;
+            let mut last = "";
+            for (key, size, modified, _) in &listed.objects {
+                if let Some(rel) = key.strip_prefix(prefix) {
+                    page.offer(rel, *size, *modified);
+                    last = last.max(rel);
+                }
+            }
+            for folder in &listed.folders {
+                if let Some(rel) = folder.strip_prefix(prefix) {
+                    page.offer(rel, 0, UNIX_EPOCH);
+                    last = last.max(rel);
+                }
+            }
+            match listed.next {
+                None => return Ok(true),
+                Some(_) if page.settled(last) => return Ok(false),
+                next => token = next,
+            }
+        }
+    }
+
+    /// A page of the folder at `prefix` on other services: every key is offered (from
+    /// `after` where the service can start there).
+    async fn list_folder_scan(&self, prefix: &str, page: &mut PageOfNames<'_>) -> Result<bool> {
+        use futures_util::TryStreamExt;
+        let mut list = self.op.lister_with(prefix);
+        if let Some(after) = page.after {
+            if self.op.info().capability().list_with_start_after {
+                list = list.start_after(&format!("{prefix}{after}"));
+            }
+        }
+        let mut lister = match list.await {
+            Ok(lister) => lister,
+            Err(e) if not_found(&e) => return Ok(true),
+            Err(e) => return Err(object_error(e)),
+        };
+        while let Some(entry) = lister.try_next().await.map_err(object_error)? {
+            if let Some(rel) = entry.path().strip_prefix(prefix) {
+                let meta = entry.metadata();
+                page.offer(rel, meta.content_length(), modified(meta));
+            }
+        }
+        Ok(true)
+    }
+}
+
 impl ObjectStorage {
     /// Claim the staged upload of `path` for this server: its record, resumed when it
     /// matches (same size, not `restart`), else a new one with a new multipart upload.
@@ -692,8 +992,21 @@ impl ObjectStorage {
 
 #[async_trait]
 impl Storage for ObjectStorage {
+    /// Also finishes a retirement of the name cut short by a crash (`retiring/USER`), so
+    /// the new account, whose first login comes here, never sees the old one's files.
     async fn create_user(&self, user: &str) -> Result<()> {
         check_user_name(user)?;
+        let journal = Inner::retiring_key(user);
+        match self.inner.op.read(&journal).await {
+            Ok(place) => {
+                let place = String::from_utf8_lossy(&place.to_vec()).into_owned();
+                tracing::warn!(user, place, "finishing a retirement cut short");
+                self.inner.retire_into(user, &place).await?;
+                self.inner.delete(&journal).await?;
+            }
+            Err(e) if not_found(&e) => {}
+            Err(e) => return Err(object_error(e)),
+        }
         self.inner
             .op
             .create_dir(&Inner::dir_key(user, ""))
@@ -701,87 +1014,41 @@ impl Storage for ObjectStorage {
             .map_err(object_error)
     }
 
+    /// Not atomic on S3 (one copy and delete per object; see docs/DEPLOY.md), so the
+    /// destination is written first to `retiring/USER`: a crash midway is finished by the
+    /// next `create_user` of the name.
     async fn retire_user(&self, user: &str) -> Result<Option<String>> {
         check_user_name(user)?;
         let place = format!("retired/{user}-{}/", unix_secs());
-        let mut moved = false;
-        for area in ["files", "versions", "manifests", "partial"] {
-            let prefix = format!("{area}/{user}/");
-            for entry in self.inner.list_tree(&prefix).await? {
-                let rel = &entry.path()[prefix.len()..];
-                self.inner
-                    .copy(entry.path(), &format!("{place}{area}/{rel}"))
-                    .await?;
-                self.inner.delete(entry.path()).await?;
-                moved = true;
-            }
-            self.inner.delete(&prefix).await?;
-        }
-        self.inner.forget_usage(user);
+        let journal = Inner::retiring_key(user);
+        self.inner
+            .op
+            .write(&journal, place.clone().into_bytes())
+            .await
+            .map_err(object_error)?;
+        let moved = self.inner.retire_into(user, &place).await?;
+        self.inner.delete(&journal).await?;
         Ok(moved.then_some(place))
     }
 
     async fn list(&self, user: &str, dir: &str, after: Option<&str>, limit: usize) -> Result<Page> {
         check_user_name(user)?;
         let dir = canonical(dir)?;
-        let limit = limit.max(1);
-        match self.inner.kind_at(user, &dir).await? {
-            Some((Kind::Dir, _)) => {}
-            Some((Kind::File, _)) => return Err(fsat::error(Errno::NOTDIR, &dir)),
-            None => return Err(fsat::error(Errno::NOENT, &dir)),
-        }
         let prefix = Inner::dir_key(user, &dir);
-        // The folder's keys arrive in pages of 1,000; only the `limit + 1` smallest names
-        // after `after` are kept, so a page of a huge folder costs bounded memory.
-        let mut lister = self.inner.op.lister(&prefix).await.map_err(object_error)?;
-        let mut smallest: BinaryHeap<(String, Kind, u64, SystemTime)> = BinaryHeap::new();
-        use futures_util::TryStreamExt;
-        while let Some(entry) = lister.try_next().await.map_err(object_error)? {
-            let Some(rel) = entry.path().strip_prefix(&prefix) else {
-                continue;
-            };
-            let (name, kind) = match rel.strip_suffix('/') {
-                Some(name) => (name, Kind::Dir),
-                None => (rel, Kind::File),
-            };
-            if name.is_empty()
-                || name.contains('/')
-                || after.is_some_and(|after| name <= after)
-                || crate::names::check_file_name(name).is_err()
-            {
-                continue;
-            }
-            let meta = entry.metadata();
-            let size = if kind == Kind::File {
-                meta.content_length()
-            } else {
-                0
-            };
-            smallest.push((name.to_string(), kind, size, modified(meta)));
-            if smallest.len() > limit + 1 {
-                smallest.pop();
+        let mut page = PageOfNames::new(after, limit.max(1));
+        let complete = match &self.inner.multipart {
+            Some(s3) => self.inner.list_folder_s3(s3, &prefix, &mut page).await?,
+            None => self.inner.list_folder_scan(&prefix, &mut page).await?,
+        };
+        // Keys under the folder prove it exists; without any, ask what is at the path.
+        if !page.seen && !dir.is_empty() {
+            match self.inner.kind_at(user, &dir).await? {
+                Some((Kind::Dir, _)) => {}
+                Some((Kind::File, _)) => return Err(fsat::error(Errno::NOTDIR, &dir)),
+                None => return Err(fsat::error(Errno::NOENT, &dir)),
             }
         }
-        let mut names = smallest.into_sorted_vec();
-        // A name can be both a marker and (from older keys) a prefix: one entry.
-        names.dedup_by(|a, b| a.0 == b.0);
-        let more = names.len() > limit;
-        names.truncate(limit);
-        let next = if more {
-            names.last().map(|n| n.0.clone())
-        } else {
-            None
-        };
-        let entries = names
-            .into_iter()
-            .map(|(name, kind, size, modified)| Entry {
-                name,
-                kind,
-                size,
-                modified,
-            })
-            .collect();
-        Ok(Page { entries, next })
+        Ok(page.finish(complete))
     }
 
     async fn stat(&self, user: &str, path: &str) -> Result<Entry> {
@@ -822,6 +1089,19 @@ impl Storage for ObjectStorage {
             chunks: Vec::new(),
             block: tokio::sync::Mutex::new((0, Vec::new())),
         };
+        if file.size <= CHUNK_SIZE {
+            // No manifest for one chunk: the whole file is read and hashed here, and kept
+            // for the reads that follow (one GET in all).
+            let bytes = match file.size {
+                0 => Vec::new(),
+                size => file.read_range(0, size).await?.to_vec(),
+            };
+            let mut hasher = ChunkHasher::new();
+            hasher.update(&bytes);
+            file.chunks = hasher.finish_chunks();
+            file.block = tokio::sync::Mutex::new((0, bytes));
+            return Ok(Arc::new(file));
+        }
         file.chunks = match self.inner.read_manifest(user, &path, &stamp).await {
             Some(chunks) if chunks.len() as u64 == file.size.div_ceil(CHUNK_SIZE) => chunks,
             // A file written without netdisk, or a lost manifest: hash it once.
@@ -850,9 +1130,12 @@ impl Storage for ObjectStorage {
         if components.is_empty() {
             return Err(fsat::error(Errno::ISDIR, ""));
         }
-        // A folder in the way is refused now, not after the data has been sent.
-        if let Some((Kind::Dir, _)) = self.inner.kind_at(user, &path).await? {
-            return Err(fsat::error(Errno::ISDIR, &path));
+        // A folder in the way of a file of several parts is refused now, not after the data
+        // has been sent. A file of one part (held in memory) is checked once, at the commit.
+        if size > part_size(size) {
+            if let Some((Kind::Dir, _)) = self.inner.kind_at(user, &path).await? {
+                return Err(fsat::error(Errno::ISDIR, &path));
+            }
         }
         let lock = UploadLock::take(&self.inner.uploading, user, &path)?;
         let mut upload = ObjectUpload {
@@ -961,9 +1244,17 @@ impl Storage for ObjectStorage {
         let removed = match inner.kind_at(user, &canonical).await? {
             None => return Err(fsat::error(Errno::NOENT, path)),
             Some((Kind::File, meta)) => {
-                inner.keep_file_version(user, &canonical).await?;
-                inner.delete(&Inner::file_key(user, &canonical)).await?;
-                inner.delete(&Inner::manifest_key(user, &canonical)).await?;
+                if !inner
+                    .keep_file_version(user, &canonical, meta.content_length())
+                    .await?
+                {
+                    return Err(fsat::error(Errno::NOENT, path));
+                }
+                // Only the version kept: a file another server committed meanwhile stays.
+                let key = Inner::file_key(user, &canonical);
+                if inner.delete_if(&key, meta.etag()).await? {
+                    inner.delete(&Inner::manifest_key(user, &canonical)).await?;
+                }
                 Removed {
                     files: 1,
                     bytes: meta.content_length(),
@@ -994,7 +1285,11 @@ impl Storage for ObjectStorage {
                         }
                     }
                     for entry in &objects {
-                        inner.delete(entry.path()).await?;
+                        // What another server replaced meanwhile stays, as the newer write.
+                        let etag = entry.metadata().etag();
+                        if !inner.delete_if(entry.path(), etag).await? {
+                            continue;
+                        }
                         if entry.metadata().is_file() {
                             let rel = &entry.path()[format!("files/{user}/").len()..];
                             inner.delete(&Inner::manifest_key(user, rel)).await?;
@@ -1033,8 +1328,8 @@ impl Storage for ObjectStorage {
         let inner = &self.inner;
         inner.busy_under(user, &from_path)?;
         inner.busy_under(user, &to_path)?;
-        let kind = match inner.kind_at(user, &from_path).await? {
-            Some((kind, _)) => kind,
+        let (kind, source) = match inner.kind_at(user, &from_path).await? {
+            Some(found) => found,
             None => return Err(fsat::error(Errno::NOENT, from)),
         };
         inner.check_parent(user, &target, to).await?;
@@ -1046,8 +1341,10 @@ impl Storage for ObjectStorage {
                     format!("{to_path} exists already (replace it with --force)"),
                 ))
             }
-            Some((Kind::File, _)) if kind == Kind::File => {
-                inner.keep_file_version(user, &to_path).await?;
+            Some((Kind::File, meta)) if kind == Kind::File => {
+                inner
+                    .keep_file_version(user, &to_path, meta.content_length())
+                    .await?;
             }
             Some(_) => {
                 return Err(Error::remote(
@@ -1064,7 +1361,8 @@ impl Storage for ObjectStorage {
             );
             inner.copy(&old, &new).await?;
             inner.move_manifest(user, &from_path, &to_path).await?;
-            inner.delete(&old).await?;
+            // A file another server committed to `from` meanwhile stays there.
+            inner.delete_if(&old, source.etag()).await?;
         } else {
             let (old, new) = (
                 Inner::dir_key(user, &from_path),
@@ -1079,7 +1377,9 @@ impl Storage for ObjectStorage {
                     let (a, b) = (&entry.path()[files.len()..], format!("{to_path}/{rel}"));
                     inner.move_manifest(user, a, &b).await?;
                 }
-                inner.delete(entry.path()).await?;
+                inner
+                    .delete_if(entry.path(), entry.metadata().etag())
+                    .await?;
             }
             inner.delete(&old).await?;
         }
@@ -1148,7 +1448,11 @@ impl Storage for ObjectStorage {
         .ok_or_else(no_version)?
         .clone();
         match inner.kind_at(user, &canonical).await? {
-            Some((Kind::File, _)) => inner.keep_file_version(user, &canonical).await?,
+            Some((Kind::File, meta)) => {
+                inner
+                    .keep_file_version(user, &canonical, meta.content_length())
+                    .await?;
+            }
             Some((Kind::Dir, _)) => {
                 return Err(Error::remote(
                     ErrorCode::Exists,
@@ -1261,35 +1565,6 @@ impl Storage for ObjectStorage {
     }
 }
 
-/// Claim of one (user, path) upload slot on this server, released on drop.
-struct UploadLock {
-    set: Arc<Mutex<HashSet<(String, String)>>>,
-    key: (String, String),
-}
-
-impl UploadLock {
-    fn take(
-        set: &Arc<Mutex<HashSet<(String, String)>>>,
-        user: &str,
-        path: &str,
-    ) -> Result<UploadLock> {
-        let key = (user.to_string(), path.to_string());
-        if !set.lock().unwrap().insert(key.clone()) {
-            return Err(busy(path));
-        }
-        Ok(UploadLock {
-            set: set.clone(),
-            key,
-        })
-    }
-}
-
-impl Drop for UploadLock {
-    fn drop(&mut self) {
-        self.set.lock().unwrap().remove(&self.key);
-    }
-}
-
 /// A stored object opened for reading. Reads ask for the ETag seen at open (where the
 /// service supports If-Match), so an overwrite meanwhile fails the read instead of mixing
 /// two versions.
@@ -1379,6 +1654,17 @@ impl FileRead for ObjectFile {
         Ok((buf, filled))
     }
 }
+
+/// How a conditional write ended.
+enum Stored {
+    /// Written; the new object's ETag when the reply had it.
+    Done(Option<String>),
+    /// What it was to replace changed meanwhile: nothing was written.
+    Lost,
+}
+
+/// How often a commit looks again after losing a race with another server's change.
+const COMMIT_TRIES: usize = 5;
 
 /// Where an upload's bytes go.
 enum Staged {
@@ -1473,8 +1759,12 @@ impl ObjectUpload {
         Some(all)
     }
 
-    /// Join the stored parts into the file object.
-    async fn join_parts(&self, record: &Record) -> Result<()> {
+    /// Join the stored parts into the file object, replacing `old` (what was looked at;
+    /// `None`: nothing) only if it is still there, where the service can check.
+    async fn join_parts(&self, old: Option<&opendal::Metadata>) -> Result<Stored> {
+        let Some(record) = self.record() else {
+            return Err(Error::remote(ErrorCode::Internal, "no parts to join"));
+        };
         let key = Inner::file_key(&self.user, &self.path);
         match (&self.inner.multipart, &record.upload_id) {
             (Some(multipart), Some(id)) => {
@@ -1483,7 +1773,16 @@ impl ObjectUpload {
                     .iter()
                     .map(|p| p.as_ref().map(|p| p.etag.clone()).unwrap_or_default())
                     .collect();
-                multipart.complete(&key, id, &etags).await
+                let replacing = match old {
+                    None => Some(None),
+                    Some(meta) => meta.etag().map(Some),
+                };
+                Ok(
+                    match multipart.complete(&key, id, &etags, replacing).await? {
+                        Some(etag) => Stored::Done(Some(etag)),
+                        None => Stored::Lost,
+                    },
+                )
             }
             _ => {
                 // Services without multipart ids: the parts are read back and written once
@@ -1499,8 +1798,9 @@ impl ObjectUpload {
                         .map_err(object_error)?;
                     writer.write(part).await.map_err(object_error)?;
                 }
-                writer.close().await.map_err(object_error)?;
-                self.inner.delete_tree(&prefix).await
+                let meta = writer.close().await.map_err(object_error)?;
+                self.inner.delete_tree(&prefix).await?;
+                Ok(Stored::Done(meta.etag().map(str::to_string)))
             }
         }
     }
@@ -1709,50 +2009,70 @@ impl Upload for ObjectUpload {
             return Err(self.keep_matching(&chunks, digest, sent.as_deref()).await);
         }
         let inner = self.inner.clone();
-        let old = match inner.kind_at(&self.user, &self.path).await? {
-            Some((Kind::Dir, _)) => return Err(fsat::error(Errno::ISDIR, &self.path)),
-            Some((Kind::File, meta)) => Some(meta),
-            None => None,
-        };
         inner
             .make_parents(&self.user, &components, &self.path)
             .await?;
-        if old.is_some() {
-            inner.keep_file_version(&self.user, &self.path).await?;
-        }
-        match &mut self.staged {
-            Staged::Single(data) => {
-                // Conditional: if another server replaced the file since we looked, this
-                // commit loses rather than silently overwriting what it did not see.
-                let capability = inner.op.info().capability();
-                let mut write = inner.op.write_with(&key, std::mem::take(data));
-                match old.as_ref().and_then(|m| m.etag()) {
-                    Some(tag) if capability.write_with_if_match => write = write.if_match(tag),
-                    None if old.is_none() && capability.write_with_if_not_exists => {
-                        write = write.if_not_exists(true)
-                    }
-                    _ => {}
-                }
-                match write.await {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == ErrorKind::ConditionNotMatch => {
-                        return Err(busy(&self.path))
-                    }
-                    Err(e) => return Err(object_error(e)),
+        let body = match &mut self.staged {
+            Staged::Single(data) => Some(opendal::Buffer::from(std::mem::take(data))),
+            Staged::Parts { .. } => None,
+        };
+        // Look, keep what is there as a version, then replace it only while it is what was
+        // looked at: another server's commit or removal meanwhile means looking again, so
+        // no file is ever replaced without having been kept.
+        let mut tries = 0;
+        let (old, etag) = loop {
+            tries += 1;
+            if tries > COMMIT_TRIES {
+                return Err(busy(&self.path));
+            }
+            let old = match inner.kind_at(&self.user, &self.path).await? {
+                Some((Kind::Dir, _)) => return Err(fsat::error(Errno::ISDIR, &self.path)),
+                Some((Kind::File, meta)) => Some(meta),
+                None => None,
+            };
+            if let Some(meta) = &old {
+                let size = meta.content_length();
+                if !inner
+                    .keep_file_version(&self.user, &self.path, size)
+                    .await?
+                {
+                    continue; // removed meanwhile
                 }
             }
-            Staged::Parts { record, .. } => {
-                let record = record.clone();
-                self.join_parts(&record).await?;
+            let stored = match &body {
+                Some(body) => {
+                    inner
+                        .put_replacing(&key, body.clone(), old.as_ref())
+                        .await?
+                }
+                None => self.join_parts(old.as_ref()).await?,
+            };
+            match stored {
+                Stored::Done(etag) => break (old, etag),
+                Stored::Lost => continue,
+            }
+        };
+        self.committed = true;
+        if let Staged::Parts { .. } = &self.staged {
+            inner
+                .delete(&inner.record_key(&self.user, &self.path))
+                .await?;
+        }
+        if chunks.len() > 1 {
+            // Files of one chunk have no manifest: their hash is computed when they are
+            // opened (one GET of at most 4 MiB, which the first read then uses).
+            let stamp = match etag {
+                Some(etag) => Some(etag),
+                None => inner.stat_object(&key).await?.map(|meta| stamp(&meta)),
+            };
+            if let Some(stamp) = stamp {
                 inner
-                    .delete(&inner.record_key(&self.user, &self.path))
+                    .write_manifest(&self.user, &self.path, &stamp, &chunks)
                     .await?;
             }
-        }
-        self.committed = true;
-        if let Some(meta) = inner.stat_object(&key).await? {
+        } else if old.is_some_and(|meta| meta.content_length() > CHUNK_SIZE) {
             inner
-                .write_manifest(&self.user, &self.path, &stamp(&meta), &chunks)
+                .delete(&Inner::manifest_key(&self.user, &self.path))
                 .await?;
         }
         inner.forget_usage(&self.user);

@@ -1,20 +1,37 @@
-//! S3 multipart uploads, made directly: OpenDAL hides the upload id, but a resumable
-//! upload must keep it (and its part tags) in the staged upload's record so another call,
-//! or another server, continues the same multipart upload. Requests are signed with
-//! `rusty-s3` and sent through the shared [`crate::objstore::http_client`].
+//! S3 calls made directly, where OpenDAL hides what netdisk needs: multipart uploads (a
+//! resumable upload must keep the upload id and part tags in the staged upload's record so
+//! another call, or another server, continues the same multipart upload), and one response
+//! of a folder listing at a time (a page of `ls` stops as soon as it is complete, which
+//! needs the boundaries of S3's responses). Requests are signed with `rusty-s3` and sent
+//! through the shared [`crate::objstore::http_client`].
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rusty_s3::actions::{
-    AbortMultipartUpload, CompleteMultipartUpload, CreateMultipartUpload, S3Action, UploadPart,
+    AbortMultipartUpload, CompleteMultipartUpload, CompleteMultipartUploadResponse,
+    CreateMultipartUpload, ListObjectsV2, S3Action, UploadPart,
 };
 use rusty_s3::{Bucket, Credentials, UrlStyle};
+
+use time::format_description::well_known::Rfc3339;
 
 use crate::error::{Error, ErrorCode, Result};
 use crate::objstore::{http_client, ObjectStoreConfig};
 
 /// How long a signed request stays valid (it is sent at once).
 const SIGNED_FOR: Duration = Duration::from_secs(600);
+
+/// One response of a folder listing: every key between the request's start and the last
+/// key or folder it names (S3 sorts them together, by bytes).
+pub struct ListedKeys {
+    /// Objects directly in the folder: key (relative to the prefix, as the operator's
+    /// paths are), size, time and ETag.
+    pub objects: Vec<(String, u64, SystemTime, Option<String>)>,
+    /// Sub-folders: keys ending in `/`, each standing for everything under it.
+    pub folders: Vec<String>,
+    /// Where the next response continues, if the listing was cut here.
+    pub next: Option<String>,
+}
 
 /// The multipart calls of one bucket, for keys under one prefix.
 pub struct S3Multipart {
@@ -104,8 +121,18 @@ impl S3Multipart {
             .ok_or_else(|| s3_error("upload part", "no ETag in the reply"))
     }
 
-    /// Join the parts (tags in part order) into the object: no byte is copied again.
-    pub async fn complete(&self, path: &str, upload_id: &str, etags: &[String]) -> Result<()> {
+    /// Join the parts (tags in part order) into the object: no byte is copied again. Only
+    /// if the object is still the one `replacing` names: `Some(None)` none (If-None-Match),
+    /// `Some(Some(etag))` that version (If-Match), `None` whatever is there. Returns the new
+    /// object's ETag, or `None` when the condition failed (the upload stays, to complete
+    /// again once the caller has looked anew).
+    pub async fn complete(
+        &self,
+        path: &str,
+        upload_id: &str,
+        etags: &[String],
+        replacing: Option<Option<&str>>,
+    ) -> Result<Option<String>> {
         let key = self.key(path);
         let action = CompleteMultipartUpload::new(
             &self.bucket,
@@ -115,15 +142,39 @@ impl S3Multipart {
             etags.iter().map(String::as_str),
         );
         let url = action.sign(SIGNED_FOR);
-        let body = action.body();
-        let reply = self
-            .send(self.client.post(url).body(body), "complete")
-            .await?;
-        // S3 may answer 200 with an error document when completing fails late.
-        if reply.contains("<Error>") {
-            return Err(s3_error("complete multipart upload", reply));
+        let mut request = self.client.post(url).body(action.body());
+        match replacing {
+            Some(None) => request = request.header("if-none-match", "*"),
+            Some(Some(etag)) => request = request.header("if-match", etag),
+            None => {}
         }
-        Ok(())
+        let response = request
+            .send()
+            .await
+            .map_err(|e| s3_error("complete multipart upload", e))?;
+        let status = response.status().as_u16();
+        let reply = response
+            .text()
+            .await
+            .map_err(|e| s3_error("complete multipart upload", e))?;
+        // 412, or 404 NoSuchKey for If-Match on an object removed meanwhile; S3 may also
+        // answer 200 with an error document when completing fails late.
+        let lost = status == 412
+            || (status == 404 && reply.contains("NoSuchKey"))
+            || reply.contains("<Code>PreconditionFailed</Code>");
+        if lost {
+            return Ok(None);
+        }
+        if !(200..300).contains(&status) || reply.contains("<Error>") {
+            return Err(s3_error(
+                "complete multipart upload",
+                format!("{status}: {reply}"),
+            ));
+        }
+        let etag = CompleteMultipartUploadResponse::parse(&reply)
+            .map(|done| done.etag().to_string())
+            .map_err(|e| s3_error("complete multipart upload", e))?;
+        Ok(Some(etag))
     }
 
     /// Drop a multipart upload and its parts (best effort: it may be gone already).
@@ -142,6 +193,59 @@ impl S3Multipart {
             return Ok(());
         }
         checked(response, "abort multipart upload").await.map(drop)
+    }
+
+    /// One ListObjectsV2 response of the keys starting with `prefix`, with `/` as
+    /// delimiter: at most `max_keys` keys and folders after `start_after`, or continuing
+    /// from `token`.
+    pub async fn list_keys(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        token: Option<&str>,
+        max_keys: usize,
+    ) -> Result<ListedKeys> {
+        let prefix = self.key(prefix);
+        let start = start_after.map(|start| self.key(start));
+        let mut action = ListObjectsV2::new(&self.bucket, self.credentials.as_ref());
+        action.with_prefix(prefix.as_str());
+        action.with_delimiter("/");
+        action.with_max_keys(max_keys);
+        match (token, &start) {
+            (Some(token), _) => action.with_continuation_token(token),
+            (None, Some(start)) => action.with_start_after(start.as_str()),
+            (None, None) => {}
+        }
+        let url = action.sign(SIGNED_FOR);
+        let body = self.send(self.client.get(url), "list").await?;
+        let reply =
+            ListObjectsV2::parse_response(&body).map_err(|e| s3_error("list objects", e))?;
+        let root = self.key("");
+        let relative = |key: String| key.strip_prefix(root.as_str()).map(str::to_string);
+        let objects = reply
+            .contents
+            .into_iter()
+            .filter_map(|object| {
+                let modified = object
+                    .last_modified
+                    .as_deref()
+                    .and_then(|t| time::OffsetDateTime::parse(t, &Rfc3339).ok())
+                    .map(SystemTime::from)
+                    .unwrap_or(SystemTime::UNIX_EPOCH);
+                let size = object.size.unwrap_or(0);
+                Some((relative(object.key)?, size, modified, object.etag))
+            })
+            .collect();
+        let folders = reply
+            .common_prefixes
+            .into_iter()
+            .filter_map(|folder| relative(folder.prefix))
+            .collect();
+        Ok(ListedKeys {
+            objects,
+            folders,
+            next: reply.next_continuation_token,
+        })
     }
 
     async fn send(&self, request: reqwest::RequestBuilder, what: &str) -> Result<String> {
