@@ -1163,6 +1163,12 @@ impl Handler {
                 return refused("account disabled: ask the server's administrator")
             }
             Some(record) => {
+                // A session older than the account belongs to an earlier account of this
+                // name (deleted with its row; its session records may remain).
+                let registered = unix_seconds(&record.registered_at);
+                if registered.is_some_and(|at| (created as i64) < at) {
+                    return refused("session expired or logged out: log in again");
+                }
                 let after = record.sessions_after.as_deref().and_then(unix_seconds);
                 if after.is_some_and(|after| (created as i64) < after) {
                     return refused("session ended by the server's administrator: log in again");

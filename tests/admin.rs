@@ -164,6 +164,8 @@ fn disable_enable_reset_delete_against_a_running_server() {
     assert!(env.client_ok(None, &["ls"]).contains("a.txt"));
 
     // Delete: no more logins, files moved aside, the name starts afresh.
+    let saved_logins = env.config.path().join("netdisk/logins.json");
+    let old_login = std::fs::read(&saved_logins).unwrap();
     let out = env.admin_ok(&["delete", "carol"]);
     let deleted = env.root.join("deleted");
     assert!(out.contains(&deleted.display().to_string()), "{out}");
@@ -189,6 +191,10 @@ fn disable_enable_reset_delete_against_a_running_server() {
     assert!(err.contains("wrong user name or password"), "{err}");
 
     env.client_ok(Some("password-2"), &["register", "carol"]);
+    // The saved session of the deleted carol does not open the new carol's account.
+    std::fs::write(&saved_logins, &old_login).unwrap();
+    let err = env.client_fails(None, &["ls"]);
+    assert!(err.contains("log in again"), "{err}");
     env.client_ok(Some("password-2"), &["login", "carol"]);
     let listing: serde_json::Value =
         serde_json::from_str(&env.client_ok(None, &["ls", "--json"])).unwrap();
