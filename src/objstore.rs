@@ -74,12 +74,25 @@ impl ObjectStoreConfig {
         if let (Some(id), Some(key)) = (&self.access_key_id, &self.secret_access_key) {
             builder = builder.access_key_id(id).secret_access_key(key);
         }
+        // Every request has an end: a bucket that stops answering (or a connection stuck in
+        // ESTABLISHED) fails that request after S3_TIMEOUT instead of holding the client's
+        // connection forever; each try is timed out, then retried (timeout inside retry).
         let operator = opendal::Operator::new(builder)
             .map_err(|e| Error::Invalid(format!("storage {}: {e}", self.url())))?
+            .layer(
+                opendal::layers::TimeoutLayer::new()
+                    .with_timeout(S3_TIMEOUT)
+                    .with_io_timeout(S3_TIMEOUT),
+            )
             .layer(opendal::layers::RetryLayer::new());
         Ok(operator)
     }
 }
+
+/// The longest one S3 request may go without progress. Generous, because a server-side
+/// copy or the completion of a multipart upload of a large file answers only at the end
+/// (moto needs about 30 s per GiB).
+pub const S3_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// The HTTP client of every S3 request: OpenDAL's and netdisk's own multipart calls.
 pub fn http_client() -> reqwest::Client {
@@ -89,7 +102,11 @@ pub fn http_client() -> reqwest::Client {
             // reqwest's rustls has no crypto provider of its own here; netdisk's TLS already
             // uses ring, so ring becomes the process default (no second crypto library).
             let _ = rustls::crypto::ring::default_provider().install_default();
-            reqwest::Client::new()
+            reqwest::Client::builder()
+                .connect_timeout(std::time::Duration::from_secs(10))
+                .read_timeout(S3_TIMEOUT)
+                .build()
+                .expect("an HTTP client with default TLS settings")
         })
         .clone()
 }
