@@ -1012,6 +1012,13 @@ impl Client {
                 (_, reply) => reply,
             };
             results.push(None);
+            if verified.iter().any(|(_, waiting)| waiting.local == *local) {
+                // The same local name twice: the first must be named before its `.part`
+                // file is reused.
+                for (index, result) in finish_downloads(std::mem::take(verified)).await {
+                    results[index] = Some(result);
+                }
+            }
             let result = match reply {
                 Ok(reply) if reply.offset == 0 => {
                     let outcome = self
