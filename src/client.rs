@@ -711,6 +711,19 @@ impl Client {
         local: &Path,
         progress: &mut dyn Progress,
     ) -> Result<TransferOutcome> {
+        self.receive_verified(reply, local, progress)
+            .await?
+            .finish()
+    }
+
+    /// Receive and verify a download into its partial file, not yet durable nor named
+    /// (see [`VerifiedDownload`]).
+    async fn receive_verified(
+        &mut self,
+        reply: &GetReply,
+        local: &Path,
+        progress: &mut dyn Progress,
+    ) -> Result<VerifiedDownload> {
         let offset = reply.offset;
         if reply.filesize != reply.size.saturating_sub(offset) {
             return Err(Error::Protocol("inconsistent get reply".into()));
@@ -737,18 +750,32 @@ impl Client {
         };
         file.set_len(offset)?;
         file.seek(SeekFrom::Start(offset))?;
-        let prefix = hash_prefix(open_local(&part)?, offset);
         progress.start(reply.size, offset);
-        let sink = HashingWriter {
-            file,
-            hasher: ChunkHasher::new(),
+        let chunks = if offset == 0 && reply.filesize <= SMALL_DOWNLOAD {
+            // One buffer's worth: read whole and written here, no worker thread (mget of
+            // many small files).
+            let mut body = vec![0u8; reply.filesize as usize];
+            self.conn.read_body(&mut body).await?;
+            progress.advance(reply.filesize);
+            let mut hasher = ChunkHasher::new();
+            hasher.update(&body);
+            file.write_all(&body)?;
+            hasher.finish_chunks()
+        } else {
+            let prefix = hash_prefix(open_local(&part)?, offset);
+            let sink = HashingWriter {
+                file,
+                hasher: ChunkHasher::new(),
+            };
+            let sink = receive_body(&mut self.conn, reply.filesize, sink, &mut |n| {
+                progress.advance(n)
+            })
+            .await?;
+            file = sink.file;
+            let mut chunks = join_prefix(prefix).await?;
+            chunks.extend(sink.hasher.finish_chunks());
+            chunks
         };
-        let sink = receive_body(&mut self.conn, reply.filesize, sink, &mut |n| {
-            progress.advance(n)
-        })
-        .await?;
-        let mut chunks = join_prefix(prefix).await?;
-        chunks.extend(sink.hasher.finish_chunks());
         progress.finish();
         let digest = file_digest(&chunks).to_hex().to_string();
         if digest != reply.digest {
@@ -760,18 +787,15 @@ impl Client {
                 reply.digest
             )));
         }
-        sink.file.sync_all()?;
-        std::fs::rename(&part, local).map_err(|e| {
-            Error::Invalid(format!(
-                "cannot rename {} to {}: {e}",
-                part.display(),
-                local.display()
-            ))
-        })?;
-        Ok(TransferOutcome {
-            size: reply.size,
-            resumed_from: offset,
-            digest,
+        Ok(VerifiedDownload {
+            file,
+            part,
+            local: local.to_path_buf(),
+            outcome: TransferOutcome {
+                size: reply.size,
+                resumed_from: offset,
+                digest,
+            },
         })
     }
 
@@ -921,13 +945,39 @@ impl Client {
     }
 
     /// Download many files over this one connection, pipelined (like ftp's `mget`); each
-    /// `(remote, local)` overwrites `local`. One result per file, in order.
+    /// `(remote, local)` overwrites `local`. One result per file, in order. Verified files
+    /// are made durable and named in batches (see [`finish_downloads`]), so the disk
+    /// flushes once per batch rather than once per file; a broken connection still names
+    /// those already verified before it returns.
     pub async fn get_many(
         &mut self,
         files: &[(String, PathBuf)],
         progress: &mut dyn Progress,
     ) -> Result<Vec<Result<TransferOutcome>>> {
-        let mut results = Vec::with_capacity(files.len());
+        let mut results: Vec<Option<Result<TransferOutcome>>> = Vec::with_capacity(files.len());
+        let mut verified: Vec<(usize, VerifiedDownload)> = Vec::new();
+        let received = self
+            .receive_many(files, &mut results, &mut verified, progress)
+            .await;
+        for (index, result) in finish_downloads(std::mem::take(&mut verified)).await {
+            results[index] = Some(result);
+        }
+        received?;
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every file has a result"))
+            .collect())
+    }
+
+    /// `get_many`'s transfers: a result per file in `results`, or (verified, not yet
+    /// named) its download in `verified`, finished whenever a batch is full.
+    async fn receive_many(
+        &mut self,
+        files: &[(String, PathBuf)],
+        results: &mut Vec<Option<Result<TransferOutcome>>>,
+        verified: &mut Vec<(usize, VerifiedDownload)>,
+        progress: &mut dyn Progress,
+    ) -> Result<()> {
         let mut sent = 0;
         let names: Vec<Result<String>> = files
             .iter()
@@ -961,10 +1011,18 @@ impl Client {
                 }
                 (_, reply) => reply,
             };
+            results.push(None);
+            if verified.iter().any(|(_, waiting)| waiting.local == *local) {
+                // The same local name twice: the first must be named before its `.part`
+                // file is reused.
+                for (index, result) in finish_downloads(std::mem::take(verified)).await {
+                    results[index] = Some(result);
+                }
+            }
             let result = match reply {
                 Ok(reply) if reply.offset == 0 => {
                     let outcome = self
-                        .receive_download(&reply, local, &mut Overall(&mut *progress))
+                        .receive_verified(&reply, local, &mut Overall(&mut *progress))
                         .await;
                     // A local failure (cannot write, checksum) is this file's; a broken
                     // connection ends everything.
@@ -972,16 +1030,25 @@ impl Client {
                         Err(e @ (Error::Io(_) | Error::ConnectionClosed | Error::Protocol(_))) => {
                             return Err(e)
                         }
-                        other => other,
+                        Ok(download) => {
+                            verified.push((index, download));
+                            None
+                        }
+                        Err(e) => Some(Err(e)),
                     }
                 }
                 Ok(_) => return Err(Error::Protocol("unasked resume in a get reply".into())),
-                Err(e) => Err(e),
+                Err(e) => Some(Err(e)),
             };
             progress.file_done();
-            results.push(result);
+            results[index] = result;
+            if verified.len() >= PIPELINE_WINDOW {
+                for (index, result) in finish_downloads(std::mem::take(verified)).await {
+                    results[index] = Some(result);
+                }
+            }
         }
-        Ok(results)
+        Ok(())
     }
 
     /// Download many files over this one connection, like ftp's `mget` but resumable:
@@ -1719,6 +1786,12 @@ pub const PIPELINE_WINDOW: usize = 64;
 /// Files up to this size are read whole and pipelined by `put_many`.
 const SMALL_FILE: u64 = 1024 * 1024;
 
+/// Downloads up to this size are received whole in memory and written inline.
+const SMALL_DOWNLOAD: u64 = 256 * 1024;
+
+/// Threads that fsync a batch of `get_many`'s downloads at once.
+const SYNC_THREADS: usize = 8;
+
 /// The content of `path` if it is a small file, `None` if it is large.
 fn read_small_file(path: &Path) -> Result<Option<Vec<u8>>> {
     let mut file = open_local(path)?;
@@ -1814,6 +1887,77 @@ fn stream_error(e: std::io::Error) -> Error {
 }
 
 /// Writes the local file for `get`, hashing what it writes.
+/// A download received into its partial file and verified against the server's
+/// checksum, but neither durable nor under its name yet.
+struct VerifiedDownload {
+    file: File,
+    part: PathBuf,
+    local: PathBuf,
+    outcome: TransferOutcome,
+}
+
+impl VerifiedDownload {
+    /// Make the bytes durable, then give the file its name: a crash never leaves a short
+    /// file under the real name.
+    fn finish(self) -> Result<TransferOutcome> {
+        self.file.sync_all()?;
+        self.name()
+    }
+
+    /// The rename alone, for bytes already synced.
+    fn name(self) -> Result<TransferOutcome> {
+        std::fs::rename(&self.part, &self.local).map_err(|e| {
+            Error::Invalid(format!(
+                "cannot rename {} to {}: {e}",
+                self.part.display(),
+                self.local.display()
+            ))
+        })?;
+        Ok(self.outcome)
+    }
+}
+
+/// Finish a batch of downloads (indexed by their place in the caller's results): every
+/// file's `fsync` at once, spread over a few threads, so the disk flushes the batch
+/// together instead of once per file in turn, then each rename after its own file's
+/// sync. Only this batch's files are synced, not the whole file system.
+async fn finish_downloads(
+    batch: Vec<(usize, VerifiedDownload)>,
+) -> Vec<(usize, Result<TransferOutcome>)> {
+    let (indices, downloads): (Vec<usize>, Vec<VerifiedDownload>) = batch.into_iter().unzip();
+    let per_thread = downloads.len().div_ceil(SYNC_THREADS).max(1);
+    let mut groups = Vec::new();
+    let mut rest = downloads.into_iter();
+    loop {
+        let group: Vec<VerifiedDownload> = rest.by_ref().take(per_thread).collect();
+        if group.is_empty() {
+            break;
+        }
+        let len = group.len();
+        let task = tokio::task::spawn_blocking(move || {
+            group
+                .into_iter()
+                .map(|d| d.file.sync_all().map(|()| d))
+                .collect::<Vec<_>>()
+        });
+        groups.push((len, task));
+    }
+    let mut outcomes = Vec::with_capacity(indices.len());
+    for (len, task) in groups {
+        match task.await {
+            Ok(synced) => outcomes.extend(
+                synced
+                    .into_iter()
+                    .map(|d| d.map_err(Error::from).and_then(VerifiedDownload::name)),
+            ),
+            Err(e) => {
+                outcomes.extend((0..len).map(|_| Err(Error::Invalid(format!("fsync failed: {e}")))))
+            }
+        }
+    }
+    indices.into_iter().zip(outcomes).collect()
+}
+
 struct HashingWriter {
     file: File,
     hasher: ChunkHasher,

@@ -304,3 +304,25 @@ async fn restart_overwrites_a_local_file() {
     client.get("a", &out, true, &mut NoProgress).await.unwrap();
     assert_eq!(std::fs::read(&out).unwrap(), b"server content");
 }
+
+#[tokio::test]
+async fn get_many_of_two_files_to_one_local_name_leaves_the_second() {
+    let server = TestServer::start().await;
+    let mut client = server.user("alice").await;
+    let work = tempfile::tempdir().unwrap();
+    put_bytes(&mut client, work.path(), "one", b"first file").await;
+    put_bytes(&mut client, work.path(), "two", b"the second file").await;
+
+    let out = work.path().join("out");
+    let files = [
+        ("one".to_string(), out.clone()),
+        ("two".to_string(), out.clone()),
+    ];
+    let results = client.get_many(&files, &mut NoProgress).await.unwrap();
+
+    assert_eq!(results.len(), 2);
+    assert_eq!(results[0].as_ref().unwrap().size, 10);
+    assert_eq!(results[1].as_ref().unwrap().size, 15);
+    assert_eq!(std::fs::read(&out).unwrap(), b"the second file");
+    assert!(!work.path().join("out.part").exists());
+}
