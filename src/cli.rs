@@ -1,5 +1,6 @@
 //! Command-line parsing and terminal interaction (prompts, progress bars, messages).
 
+use std::collections::HashMap;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -931,6 +932,8 @@ pub(crate) async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> an
         }
         Command::Mput { files, to } => {
             let mut pairs: Vec<(PathBuf, String)> = Vec::new();
+            // Remote name -> index in `pairs` (a look-up per file, not a scan).
+            let mut taken: HashMap<String, usize> = HashMap::new();
             for path in files {
                 let name = local_base_name(&path)?;
                 let remote = match &to {
@@ -938,7 +941,8 @@ pub(crate) async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> an
                     None => name,
                 };
                 // Refused before anything is sent: one would silently replace the other.
-                if let Some((first, _)) = pairs.iter().find(|(_, r)| *r == remote) {
+                if let Some(&index) = taken.get(&remote) {
+                    let first = &pairs[index].0;
                     return Err(failure(
                         anyhow!("two files for {remote}"),
                         exit::USAGE,
@@ -949,6 +953,7 @@ pub(crate) async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> an
                         ),
                     ));
                 }
+                taken.insert(remote.clone(), pairs.len());
                 pairs.push((path, remote));
             }
             let mut bar = ui.progress();
@@ -964,9 +969,11 @@ pub(crate) async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> an
             overwrite,
         } => {
             let mut pairs: Vec<(String, PathBuf)> = Vec::new();
+            let mut taken: HashMap<PathBuf, usize> = HashMap::new();
             for name in names {
                 let local = dir.join(remote_base_name(&name));
-                if let Some((first, _)) = pairs.iter().find(|(_, l)| *l == local) {
+                if let Some(&index) = taken.get(&local) {
+                    let first = &pairs[index].0;
                     return Err(failure(
                         anyhow!("two files for {}", local.display()),
                         exit::USAGE,
@@ -976,6 +983,7 @@ pub(crate) async fn exec(command: Command, client: &mut Client, ctx: &Ctx) -> an
                         ),
                     ));
                 }
+                taken.insert(local.clone(), pairs.len());
                 pairs.push((name, local));
             }
             let mut bar = ui.progress();
