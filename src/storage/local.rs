@@ -45,8 +45,8 @@ use crate::names::check_user_name;
 pub const MAX_MISSING_RANGES: usize = 256;
 
 /// Uploads up to this size are made durable in batches (group commit): only a data file
-/// is staged (no resume record), and the fdatasyncs of its bytes and the fsyncs of the
-/// folders that make the renames durable are shared by every commit waiting at that moment.
+/// is staged (no resume record), its bytes are fsynced at the commit, and the rename is
+/// made durable by one `syncfs` shared by every commit waiting at that moment.
 const GROUP_COMMIT_FILE_MAX: u64 = 1024 * 1024;
 
 /// Folder scans (listings, usage) running at once: a huge folder costs memory while it
@@ -124,6 +124,7 @@ impl LocalStorage {
                 options,
                 uploading: Arc::default(),
                 group: Arc::new(GroupCommit {
+                    root: root.to_path_buf(),
                     queue: Mutex::default(),
                     running: tokio::sync::Mutex::new(()),
                 }),
@@ -379,12 +380,12 @@ fn page_of(entries: &[Entry], after: Option<&str>, limit: usize) -> Page {
 }
 
 /// Group commit of small uploads, in two phases: their bytes are written without an fsync
-/// each; then the queued files are fdatasynced together (several threads), each durable
-/// one is renamed to its name, and the folders that got names are fsynced (once each) to
-/// make the renames durable. A file never has its name
+/// each; then one `syncfs` makes every queued upload's bytes durable, all are renamed to
+/// their names, and a second `syncfs` makes the renames durable. A file never has its name
 /// before its bytes are on disk, and each commit is acknowledged only after the second
 /// sync. Whoever waits first runs the batch; everyone queued before it started shares it.
 struct GroupCommit {
+    root: PathBuf,
     queue: Mutex<Vec<Placement>>,
     /// Held while a batch runs: one batch at a time.
     running: tokio::sync::Mutex<()>,
@@ -417,9 +418,9 @@ impl GroupCommit {
                 Err(TryRecvError::Empty) => {}
             }
             let batch = std::mem::take(&mut *self.queue.lock().unwrap());
-            let inner = inner.clone();
+            let (root, inner) = (self.root.clone(), inner.clone());
             blocking(move || {
-                place_batch(&inner, batch);
+                place_batch(&root, &inner, batch);
                 Ok(())
             })
             .await?;
@@ -427,70 +428,34 @@ impl GroupCommit {
     }
 }
 
-/// Threads that fsync one batch's files (or folders) at once: the disk sees the flushes
-/// together instead of one after another.
-const SYNC_THREADS: usize = 8;
-
-/// Phase one: fdatasync of the batch's own files, on several threads at once (not
-/// `syncfs`, which also waits for every other writer's dirty data on the disk); the
-/// renames of the files whose bytes are durable; phase two: fsync of each distinct
-/// folder that got a name. Each upload learns its own outcome.
-fn place_batch(inner: &Inner, batch: Vec<Placement>) {
-    let synced = in_parallel(&batch, |p| {
-        let state = p.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.data.sync_data().map_err(storage_error)
-    });
+/// Phase one `syncfs`, the renames, phase two `syncfs`; each upload learns its outcome.
+fn place_batch(root: &Path, inner: &Inner, batch: Vec<Placement>) {
+    let sync = || -> std::result::Result<(), String> {
+        let dir = File::open(root).map_err(|e| e.to_string())?;
+        rustix::fs::syncfs(&dir).map_err(|e| format!("syncfs: {e}"))
+    };
+    let bytes_durable = sync();
     let mut outcomes = Vec::with_capacity(batch.len());
-    let mut folders: Vec<(OwnedFd, (u64, u64))> = Vec::new();
-    let mut folder_of = Vec::with_capacity(batch.len());
-    for (Placement { state, placed }, bytes_durable) in batch.into_iter().zip(synced) {
-        let outcome = bytes_durable.and_then(|()| {
-            let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
-            state.place(inner, &[])
-        });
-        drop(state); // its upload lock too, once named
-        let outcome = outcome.and_then(|dir| {
-            let stat = rustix::fs::fstat(&dir).map_err(|e| internal("files", e))?;
-            let key = (stat.st_dev as u64, stat.st_ino as u64);
-            match folders.iter().position(|(_, k)| *k == key) {
-                Some(i) => folder_of.push(i),
-                None => {
-                    folder_of.push(folders.len());
-                    folders.push((dir, key));
-                }
+    for Placement { state, placed } in batch {
+        let outcome = match &bytes_durable {
+            Ok(()) => {
+                let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+                state.place(inner, &[])
             }
-            Ok(())
-        });
-        if outcome.is_err() {
-            folder_of.push(usize::MAX);
-        }
+            Err(e) => Err(Error::remote(ErrorCode::Internal, e.clone())),
+        };
+        drop(state); // its upload lock too, once named
         outcomes.push((placed, outcome));
     }
-    let names_durable = in_parallel(&folders, |(dir, _)| rustix::fs::fsync(dir));
-    for ((placed, outcome), folder) in outcomes.into_iter().zip(folder_of) {
-        let outcome =
-            outcome.and_then(|()| names_durable[folder].map_err(|e| internal("files", e)));
+    let names_durable = sync();
+    for (placed, outcome) in outcomes {
+        let outcome = outcome.and_then(|()| {
+            names_durable
+                .clone()
+                .map_err(|e| Error::remote(ErrorCode::Internal, e))
+        });
         let _ = placed.send(outcome);
     }
-}
-
-/// `work` on every item, spread over up to [`SYNC_THREADS`] threads; results in order.
-fn in_parallel<T: Sync, R: Send>(items: &[T], work: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    if items.len() <= 1 {
-        return items.iter().map(&work).collect();
-    }
-    let per_thread = items.len().div_ceil(SYNC_THREADS);
-    std::thread::scope(|scope| {
-        let work = &work;
-        let handles: Vec<_> = items
-            .chunks(per_thread)
-            .map(|part| scope.spawn(move || part.iter().map(work).collect::<Vec<R>>()))
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("sync thread panicked"))
-            .collect()
-    })
 }
 
 impl Inner {
@@ -1691,9 +1656,8 @@ impl UploadState {
     }
 
     /// Give the staged file its name: the file there becomes a version, the rename replaces
-    /// it in one step. The bytes must be durable already. Returns the folder of the name
-    /// (for a batched upload, the caller fsyncs it to make the name durable).
-    fn place(&mut self, inner: &Inner, chunks: &[ChunkHash]) -> Result<OwnedFd> {
+    /// it in one step. The bytes must be durable already.
+    fn place(&mut self, inner: &Inner, chunks: &[ChunkHash]) -> Result<()> {
         let components = split_path(&self.path)?;
         let (dir, name) = inner.parent_of(&self.user, &components, &self.path, true)?;
         if let Ok(stat) = fsat::stat(&dir, name) {
@@ -1730,7 +1694,7 @@ impl UploadState {
             self.paths.remove(); // a batched upload has only its data file, renamed now
         }
         inner.forget_cached(&self.user);
-        Ok(dir)
+        Ok(())
     }
 
     /// After a failed commit: keep the staged chunks that match the sender's hashes and
