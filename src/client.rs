@@ -1886,7 +1886,6 @@ fn stream_error(e: std::io::Error) -> Error {
     Error::Invalid(format!("cannot write the output: {e}"))
 }
 
-/// Writes the local file for `get`, hashing what it writes.
 /// A download received into its partial file and verified against the server's
 /// checksum, but neither durable nor under its name yet.
 struct VerifiedDownload {
@@ -1958,6 +1957,7 @@ async fn finish_downloads(
     indices.into_iter().zip(outcomes).collect()
 }
 
+/// Writes the local file for `get`, hashing what it writes.
 struct HashingWriter {
     file: File,
     hasher: ChunkHasher,
