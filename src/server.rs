@@ -1007,8 +1007,12 @@ impl Handler {
             })
         })
         .await?;
-        // The name had no row, so a folder under it is a removed account's: a new account
-        // must never inherit its files.
+        // The name had no row, so sessions and a folder under it are a removed account's:
+        // a new account must never inherit them. (Only after the row is ours: a refused
+        // registration must not end the current owner's sessions.)
+        let shared = self.shared.clone();
+        let name = user.clone();
+        blocking(move || shared.sessions.revoke_user(&name)).await?;
         if let Some(place) = self.shared.storage.retire_user(&user).await? {
             warn!(user, moved_to = %place, "the new account's name had an earlier account's files; moved them aside");
         }
@@ -1164,7 +1168,7 @@ impl Handler {
             }
             Some(record) => {
                 // A session older than the account belongs to an earlier account of this
-                // name (deleted with its row; its session records may remain).
+                // name (registration also revokes those; this covers a failed revocation).
                 let registered = unix_seconds(&record.registered_at);
                 if registered.is_some_and(|at| (created as i64) < at) {
                     return refused("session expired or logged out: log in again");
