@@ -18,12 +18,19 @@ pub fn workload_small(env: &Env, s: &Settings, peers: &Peers, report: &mut Repor
     }
     sync_disks();
     let mput = has_subcommand(&env.bin, "mput") && has_subcommand(&env.bin, "mget");
+    // Every run uploads into a fresh remote folder and downloads into a fresh local one;
+    // nothing is deleted until the workload ends. On an ext4 without a journal (this VM's
+    // disk) each file creation scans every inode deleted in the last minute
+    // (`recently_deleted` in the kernel's inode allocator: 62% of an `mget` client's samples
+    // right after 3,000 deletions), so deleting one run's files before the next made every
+    // tool's runs 2-3 times slower than its first and measured the allocator instead.
     let small = Small {
         dir: dir.clone(),
         out: env.work.join("small-out"),
         names: names.clone(),
         mput,
     };
+    remove(&small.out);
     let mut servers = Vec::new();
     for &variant in &env.variants {
         let label = variant.label();
@@ -45,24 +52,34 @@ pub fn workload_small(env: &Env, s: &Settings, peers: &Peers, report: &mut Repor
             if series.failed {
                 continue;
             }
-            if let Err(e) = small_run(env, server, lib, &small, series) {
+            if let Err(e) = small_run(env, server, lib, &small, series, run) {
                 report.fail(&format!("workload 3 ({})", server.variant.label()), &e);
                 series.failed = true;
             }
         }
-        peers_small(env, peers, &dir, &names, &mut peer_rates, report);
+        peers_small(env, peers, &dir, &names, run, &mut peer_rates, report);
     }
     // One `netdisk put` process per file, as a shell loop would do without mput.
     let k = s.cli_files.min(n);
-    for (server, _, series) in servers.iter_mut() {
+    for (server, lib, series) in servers.iter_mut() {
         if k == 0 || series.failed {
+            continue;
+        }
+        let to = "cli-loop/";
+        if let Err(e) = env.rt.block_on(async {
+            let mut client = lib.client().await?;
+            client.mkdir(to, true).await?;
+            client.quit().await?;
+            anyhow::Ok(())
+        }) {
+            report.fail("workload 3 (CLI loop)", &e);
             continue;
         }
         sync_disks();
         let started = Instant::now();
         let result = names[..k].iter().try_for_each(|name| {
             let mut cmd = server.cli("put");
-            cmd.arg(dir.join(name)).arg(name);
+            cmd.arg(dir.join(name)).arg(format!("{to}{name}"));
             run_measured(cmd, &server.errlog()).map(|_| ())
         });
         match result {
@@ -73,6 +90,7 @@ pub fn workload_small(env: &Env, s: &Settings, peers: &Peers, report: &mut Repor
         }
     }
     remove(&small.out);
+    remove(&env.work.join("small-out-peer"));
 
     for (key, rates) in &peer_rates {
         report.yardstick(key, rates);
@@ -150,16 +168,29 @@ pub struct SmallSeries {
 }
 
 /// One run of workload 3 against one server: the library loop, then mput/mget if built.
+/// Uploads go to fresh remote folders and downloads to fresh local ones (see above).
 pub fn small_run(
     env: &Env,
     server: &ServerProc,
     lib: &Lib,
     small: &Small,
     series: &mut SmallSeries,
+    run: usize,
 ) -> Result<()> {
     let n = small.names.len() as f64;
-    remove(&small.out);
-    fs::create_dir_all(&small.out)?;
+    let label = server.variant.label();
+    let (put_to, mput_to) = (format!("loop-{run}"), format!("mput-{run}"));
+    let loop_out = small.out.join(format!("{label}-loop-{run}"));
+    let mget_out = small.out.join(format!("{label}-mget-{run}"));
+    fs::create_dir_all(&loop_out)?;
+    fs::create_dir_all(&mget_out)?;
+    env.rt.block_on(async {
+        let mut client = lib.client().await?;
+        client.mkdir(&put_to, true).await?;
+        client.mkdir(&mput_to, true).await?;
+        client.quit().await?;
+        anyhow::Ok(())
+    })?;
     sync_disks();
     let cpu_before = server.cpu();
     let started = Instant::now();
@@ -167,7 +198,12 @@ pub fn small_run(
         let mut client = lib.client().await?;
         for name in &small.names {
             client
-                .put(&small.dir.join(name), name, false, &mut NoProgress)
+                .put(
+                    &small.dir.join(name),
+                    &format!("{put_to}/{name}"),
+                    false,
+                    &mut NoProgress,
+                )
                 .await?;
         }
         client.quit().await?;
@@ -182,7 +218,12 @@ pub fn small_run(
         let mut client = lib.client().await?;
         for name in &small.names {
             client
-                .get(name, &small.out.join(name), false, &mut NoProgress)
+                .get(
+                    &format!("{put_to}/{name}"),
+                    &loop_out.join(name),
+                    false,
+                    &mut NoProgress,
+                )
                 .await?;
         }
         client.quit().await?;
@@ -193,14 +234,15 @@ pub fn small_run(
     if small.mput {
         sync_disks();
         let mut cmd = server.cli("mput");
-        cmd.current_dir(&small.dir).args(&small.names);
+        cmd.current_dir(&small.dir)
+            .args(["--to", &mput_to])
+            .args(&small.names);
         let r = run_measured(cmd, &server.errlog())?;
         series.mput_rate.push(n / r.wall);
-        remove(&small.out);
-        fs::create_dir_all(&small.out)?;
         sync_disks();
         let mut cmd = server.cli("mget");
-        cmd.current_dir(&small.out).args(&small.names);
+        cmd.current_dir(&mget_out)
+            .args(small.names.iter().map(|name| format!("{mput_to}/{name}")));
         let r = run_measured(cmd, &server.errlog())?;
         series.mget_rate.push(n / r.wall);
     }
@@ -226,22 +268,26 @@ pub fn peers_small(
     peers: &Peers,
     dir: &Path,
     names: &[String],
+    run: usize,
     rates: &mut BTreeMap<String, Vec<f64>>,
     report: &mut Report,
 ) {
     let n = names.len() as f64;
-    let out = env.work.join("small-out-peer");
+    // Fresh folders per run on both sides, deleted after the workload (see above).
+    let outs = env.work.join("small-out-peer");
+    let remote_name = format!("small-{run}");
+    let _ = fs::create_dir_all(&outs);
     let mut record = |key: &str, result: Result<f64>, report: &mut Report| match result {
         Ok(secs) => rates.entry(key.into()).or_default().push(n / secs),
         Err(e) => report.fail(&format!("peer {key}"), &e),
     };
     if let Some(sftp) = &peers.sftp {
-        let remote = sftp.data.join("small");
+        let remote = sftp.data.join(&remote_name);
         let _ = fs::create_dir_all(&remote);
         sync_disks();
         let put = sftp.batch(&[format!("put {}/* {}/", dir.display(), remote.display())]);
         record("sftp mput", put.map(|r| r.wall), report);
-        remove(&out);
+        let out = outs.join(format!("sftp-{run}"));
         let _ = fs::create_dir_all(&out);
         sync_disks();
         let get = sftp.batch(&[format!("get {}/* {}/", remote.display(), out.display())]);
@@ -252,27 +298,29 @@ pub fn peers_small(
         let put = rsync.run(&[
             "-r".into(),
             format!("{}/", dir.display()),
-            format!("{}/small/", rsync.url),
+            format!("{}/{remote_name}/", rsync.url),
         ]);
         record("rsync mput", put.map(|r| r.wall), report);
-        remove(&out);
+        let out = outs.join(format!("rsync-{run}"));
         sync_disks();
         let get = rsync.run(&[
             "-r".into(),
-            format!("{}/small/", rsync.url),
+            format!("{}/{remote_name}/", rsync.url),
             format!("{}/", out.display()),
         ]);
         record("rsync mget", get.map(|r| r.wall), report);
     }
     if let Some(dufs) = &peers.dufs {
         let (addr, d, nm) = (dufs.addr.clone(), dir.to_path_buf(), names.to_vec());
-        let _ = fs::create_dir_all(dufs.data.join("small"));
+        let _ = fs::create_dir_all(dufs.data.join(&remote_name));
+        let folder = remote_name.clone();
         sync_disks();
         let started = Instant::now();
         let put = env.rt.block_on(async {
             let mut http = Http::connect(&addr).await?;
             for name in &nm {
-                http.put(&format!("/small/{name}"), &d.join(name)).await?;
+                http.put(&format!("/{folder}/{name}"), &d.join(name))
+                    .await?;
             }
             anyhow::Ok(())
         });
@@ -281,17 +329,18 @@ pub fn peers_small(
             put.map(|()| started.elapsed().as_secs_f64()),
             report,
         );
-        remove(&out);
+        let out = outs.join(format!("dufs-{run}"));
         let _ = fs::create_dir_all(&out);
         sync_disks();
-        let o = out.clone();
+        let (o, folder) = (out.clone(), remote_name.clone());
         let started = Instant::now();
         // A fresh connection per GET: on a kept-alive connection dufs stalls ~40 ms per
         // response (Nagle against delayed ACKs; curl sees the same), so this is its best.
         let get = env.rt.block_on(async {
             for name in &nm {
                 let mut http = Http::connect(&addr).await?;
-                http.get(&format!("/small/{name}"), &o.join(name)).await?;
+                http.get(&format!("/{folder}/{name}"), &o.join(name))
+                    .await?;
             }
             anyhow::Ok(())
         });
@@ -301,5 +350,4 @@ pub fn peers_small(
             report,
         );
     }
-    remove(&out);
 }
