@@ -855,6 +855,16 @@ impl Handler {
                 "the first message must be hello",
             ));
         }
+        // Only the steps of an upload go on while earlier commits wait for their group
+        // commit: any other request sees them done (read your writes), and its reply (a
+        // listing, a file) never pushes their held acknowledgments out early.
+        let upload_step = matches!(
+            request,
+            Request::Put { .. } | Request::PutData { .. } | Request::PutCommit { .. }
+        );
+        if !upload_step {
+            self.settle().await?;
+        }
         match request {
             Request::Hello { version, .. } => self.hello(version).await,
             Request::Register {
@@ -1298,8 +1308,6 @@ impl Handler {
             let entries: Vec<FileEntry> = page.entries.into_iter().map(file_entry).collect();
             (entries.len(), to_json(&entries)?, page.next)
         };
-        // Replies written so far may be acknowledgments waiting for durability.
-        self.settle().await?;
         self.conn
             .write_ok(&ListReply {
                 count,
@@ -1588,8 +1596,6 @@ impl Handler {
             filesize,
             restart_reason,
         };
-        // A body larger than the output buffer would push waiting acknowledgments out.
-        self.settle().await?;
         self.conn.write_ok(&reply).await?;
         self.send_file(file, offset, filesize).await?;
         Ok(Outcome {

@@ -760,3 +760,48 @@ async fn a_mismatch_keeps_matching_chunks_and_asks_only_for_the_others() {
     assert_eq!(recorder.moved(), 0);
     assert!(server.user_bytes("uma", "m.bin").await == wanted);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_request_sees_the_upload_committed_before_it() {
+    let server = TestServer::start().await;
+    let (_client, token) = user_with_token(&server, "uma").await;
+    let mut conn = raw(&server, &token).await;
+    let data = random_bytes(1000, 62);
+    let size = data.len() as u64;
+    // A small upload (made durable by a group commit) and a stat of it, all sent before
+    // any reply is read: the stat must see the file the commit before it named.
+    conn.write_header(&Request::Put {
+        filename: "fresh.txt".into(),
+        size,
+        restart: true,
+        digest: None,
+    })
+    .await
+    .unwrap();
+    conn.write_header(&Request::PutData {
+        offset: 0,
+        filesize: size,
+    })
+    .await
+    .unwrap();
+    conn.write_body(&data).await.unwrap();
+    conn.write_header(&Request::PutCommit {
+        digest: digest_hex(&chunk_hashes(&data)),
+        filesize: None,
+    })
+    .await
+    .unwrap();
+    conn.write_header(&Request::Stat {
+        path: "fresh.txt".into(),
+        digest: false,
+    })
+    .await
+    .unwrap();
+    conn.flush().await.unwrap();
+    let _: PutReply = conn.read_reply().await.unwrap();
+    let _: PutReply = conn.read_reply().await.unwrap();
+    let commit: CommitReply = conn.read_reply().await.unwrap();
+    assert_eq!(commit.size, size);
+    let stat: serde_json::Value = conn.read_reply().await.expect("stat after the commit");
+    assert_eq!(stat["size"], size, "{stat}");
+}
