@@ -721,6 +721,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn buffers_are_freed_between_frames_and_kept_while_anything_is_buffered() {
+        let (client, server) = tokio::io::duplex(4096);
+        let (mut client, mut server) = (Connection::new(client), Connection::new(server));
+        let next = |header: Option<Map<String, Value>>| parse_request(header.unwrap()).unwrap();
+        // Two pipelined requests: the second waits in the input buffer.
+        client.write_header(&Request::Usage).await.unwrap();
+        client.write_header(&Request::Logout).await.unwrap();
+        client.flush().await.unwrap();
+        assert_eq!(next(server.read_header().await.unwrap()), Request::Usage);
+        assert!(server.has_buffered_input());
+        // A reply held in the output buffer survives reading the next request.
+        server.write_ok(&Done {}).await.unwrap();
+        assert_eq!(next(server.read_header().await.unwrap()), Request::Logout);
+        assert!(server.pending_output() > 0);
+        server.flush().await.unwrap();
+        client.read_reply::<Done>().await.unwrap();
+        // Nothing buffered either way: waiting for the next frame holds no buffer.
+        tokio::select! {
+            biased;
+            _ = server.read_header() => panic!("no frame was sent"),
+            _ = std::future::ready(()) => {}
+        }
+        assert!(server.stream.is_none());
+        client.write_header(&Request::Quit).await.unwrap();
+        client.flush().await.unwrap();
+        assert_eq!(next(server.read_header().await.unwrap()), Request::Quit);
+    }
+
+    #[tokio::test]
     async fn eof_inside_a_frame_is_an_error() {
         let (mut client, server) = tokio::io::duplex(1024);
         let mut server = Connection::new(server);
