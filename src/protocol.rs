@@ -366,9 +366,18 @@ pub struct GetReply {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Done {}
 
+type Buffered = BufReader<BufWriter<Box<dyn Stream>>>;
+
 /// A framed, buffered connection: read and write whole headers, and stream bodies.
+///
+/// The buffers exist only while something is buffered or a frame is on its way: a
+/// connection waiting for its next header with both empty frees them (`bare`), so an idle
+/// client holds no buffer (each one's touched pages would stay resident, times thousands
+/// of clients); they are allocated again when the next frame starts.
 pub struct Connection {
-    stream: BufReader<BufWriter<Box<dyn Stream>>>,
+    /// The buffered stream; `None` exactly while `bare` holds the stream.
+    stream: Option<Buffered>,
+    bare: Option<Box<dyn Stream>>,
     /// Longest wait for the peer to send or accept a byte inside a frame or body.
     stall_timeout: Option<Duration>,
 }
@@ -377,23 +386,44 @@ impl Connection {
     pub fn new(stream: impl Stream + 'static) -> Connection {
         let boxed: Box<dyn Stream> = Box::new(stream);
         Connection {
-            stream: BufReader::with_capacity(
-                READ_BUFFER_SIZE,
-                BufWriter::with_capacity(WRITE_BUFFER_SIZE, boxed),
-            ),
+            stream: None,
+            bare: Some(boxed),
             stall_timeout: None,
+        }
+    }
+
+    /// The buffered stream, allocating its buffers if they were freed.
+    fn stream(&mut self) -> &mut Buffered {
+        if let Some(bare) = self.bare.take() {
+            self.stream = Some(BufReader::with_capacity(
+                READ_BUFFER_SIZE,
+                BufWriter::with_capacity(WRITE_BUFFER_SIZE, bare),
+            ));
+        }
+        self.stream.as_mut().expect("either buffered or bare")
+    }
+
+    /// Free both buffers if nothing is in them (nothing is lost: they are empty).
+    fn release_buffers(&mut self) {
+        let empty = self.stream.as_ref().is_some_and(|stream| {
+            stream.buffer().is_empty() && stream.get_ref().buffer().is_empty()
+        });
+        if empty {
+            self.bare = self.stream.take().map(|s| s.into_inner().into_inner());
         }
     }
 
     /// Whether the peer has already sent more (a pipelined request is waiting), so replies
     /// can wait in the buffer and go out together.
     pub fn has_buffered_input(&self) -> bool {
-        !self.stream.buffer().is_empty()
+        self.stream.as_ref().is_some_and(|s| !s.buffer().is_empty())
     }
 
     /// Bytes of replies waiting in the output buffer (not yet handed to the socket).
     pub fn pending_output(&self) -> usize {
-        self.stream.get_ref().buffer().len()
+        self.stream
+            .as_ref()
+            .map_or(0, |s| s.get_ref().buffer().len())
     }
 
     /// Give up on a peer that stops sending or receiving for `timeout` in the middle of a
@@ -421,10 +451,15 @@ impl Connection {
     /// when it closed mid-frame, announced an oversized header or sent something that is
     /// not a JSON object.
     pub async fn read_header(&mut self) -> Result<Option<Map<String, Value>>> {
+        // Between frames: an idle connection waits for the next one without buffers.
+        self.release_buffers();
         let mut len_bytes = [0u8; 4];
         let mut filled = 0;
         while filled < 4 {
-            let n = self.stream.read(&mut len_bytes[filled..]).await?;
+            let n = match &mut self.bare {
+                Some(bare) => bare.read(&mut len_bytes[filled..]).await?,
+                None => self.stream().read(&mut len_bytes[filled..]).await?,
+            };
             if n == 0 {
                 return if filled == 0 {
                     Ok(None)
@@ -441,7 +476,7 @@ impl Connection {
             )));
         }
         let mut header = vec![0u8; len];
-        Self::within(self.stall_timeout, self.stream.read_exact(&mut header))
+        Self::within(self.stall_timeout, self.stream().read_exact(&mut header))
             .await
             .map_err(eof_is_closed)?;
         decode_header(&header).map(Some)
@@ -456,7 +491,7 @@ impl Connection {
     /// Queue a request (or any header) for sending. Call [`Connection::flush`] to send.
     pub async fn write_header(&mut self, header: &impl Serialize) -> Result<()> {
         let bytes = encode_header(header)?;
-        Self::within(self.stall_timeout, self.stream.write_all(&bytes)).await?;
+        Self::within(self.stall_timeout, self.stream().write_all(&bytes)).await?;
         Ok(())
     }
 
@@ -486,7 +521,7 @@ impl Connection {
     }
 
     pub async fn flush(&mut self) -> Result<()> {
-        Self::within(self.stall_timeout, self.stream.flush()).await?;
+        Self::within(self.stall_timeout, self.stream().flush()).await?;
         Ok(())
     }
 
@@ -494,7 +529,7 @@ impl Connection {
     /// EOF is [`Error::ConnectionClosed`].
     pub async fn wait_readable(&mut self) -> Result<()> {
         use tokio::io::AsyncBufReadExt;
-        let available = Self::within(self.stall_timeout, self.stream.fill_buf())
+        let available = Self::within(self.stall_timeout, self.stream().fill_buf())
             .await?
             .len();
         if available == 0 {
@@ -505,7 +540,7 @@ impl Connection {
 
     /// Read exactly `buf.len()` body bytes.
     pub async fn read_body(&mut self, buf: &mut [u8]) -> Result<()> {
-        Self::within(self.stall_timeout, self.stream.read_exact(buf))
+        Self::within(self.stall_timeout, self.stream().read_exact(buf))
             .await
             .map_err(eof_is_closed)?;
         Ok(())
@@ -513,7 +548,7 @@ impl Connection {
 
     /// Read up to `buf.len()` body bytes (at least one); EOF is [`Error::ConnectionClosed`].
     pub async fn read_body_some(&mut self, buf: &mut [u8]) -> Result<usize> {
-        match Self::within(self.stall_timeout, self.stream.read(buf)).await? {
+        match Self::within(self.stall_timeout, self.stream().read(buf)).await? {
             0 => Err(Error::ConnectionClosed),
             n => Ok(n),
         }
@@ -526,7 +561,8 @@ impl Connection {
         let mut filled = self.read_body_some(buf).await?;
         while filled < buf.len() {
             // A zero timeout polls the read once: data already here, or stop.
-            match tokio::time::timeout(Duration::ZERO, self.stream.read(&mut buf[filled..])).await {
+            match tokio::time::timeout(Duration::ZERO, self.stream().read(&mut buf[filled..])).await
+            {
                 Ok(Ok(0)) | Err(_) => break,
                 Ok(Ok(n)) => filled += n,
                 Ok(Err(e)) => return Err(e.into()),
@@ -548,13 +584,13 @@ impl Connection {
 
     /// Queue body bytes.
     pub async fn write_body(&mut self, bytes: &[u8]) -> Result<()> {
-        Self::within(self.stall_timeout, self.stream.write_all(bytes)).await?;
+        Self::within(self.stall_timeout, self.stream().write_all(bytes)).await?;
         Ok(())
     }
 
     /// Flush and close the sending side (TCP FIN), so the peer sees a clean end.
     pub async fn shutdown(&mut self) -> Result<()> {
-        Self::within(self.stall_timeout, self.stream.shutdown()).await?;
+        Self::within(self.stall_timeout, self.stream().shutdown()).await?;
         Ok(())
     }
 }
@@ -682,6 +718,35 @@ mod tests {
         writer.await.unwrap();
         assert_eq!((first, second), (Request::Quit, Request::Logout));
         assert!(server.read_header().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn buffers_are_freed_between_frames_and_kept_while_anything_is_buffered() {
+        let (client, server) = tokio::io::duplex(4096);
+        let (mut client, mut server) = (Connection::new(client), Connection::new(server));
+        let next = |header: Option<Map<String, Value>>| parse_request(header.unwrap()).unwrap();
+        // Two pipelined requests: the second waits in the input buffer.
+        client.write_header(&Request::Usage).await.unwrap();
+        client.write_header(&Request::Logout).await.unwrap();
+        client.flush().await.unwrap();
+        assert_eq!(next(server.read_header().await.unwrap()), Request::Usage);
+        assert!(server.has_buffered_input());
+        // A reply held in the output buffer survives reading the next request.
+        server.write_ok(&Done {}).await.unwrap();
+        assert_eq!(next(server.read_header().await.unwrap()), Request::Logout);
+        assert!(server.pending_output() > 0);
+        server.flush().await.unwrap();
+        client.read_reply::<Done>().await.unwrap();
+        // Nothing buffered either way: waiting for the next frame holds no buffer.
+        tokio::select! {
+            biased;
+            _ = server.read_header() => panic!("no frame was sent"),
+            _ = std::future::ready(()) => {}
+        }
+        assert!(server.stream.is_none());
+        client.write_header(&Request::Quit).await.unwrap();
+        client.flush().await.unwrap();
+        assert_eq!(next(server.read_header().await.unwrap()), Request::Quit);
     }
 
     #[tokio::test]

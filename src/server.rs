@@ -729,7 +729,10 @@ impl Handler {
                                 format!("{} carries no body", request.name()),
                             )),
                         ),
-                        Ok(request) => (request.name(), self.apply(request).await),
+                        // Boxed: a command's future (put's and get's are large) exists
+                        // only while the command runs, instead of inside every idle
+                        // connection's task for its whole life.
+                        Ok(request) => (request.name(), Box::pin(self.apply(request)).await),
                         Err(e) => ("?", Err(e)),
                     }
                 }
