@@ -1938,7 +1938,8 @@ impl VerifiedDownload {
 /// write removes it (a short file is nothing to resume from).
 fn write_part(part: &Path, body: &[u8]) -> Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
-    let cannot = |e: std::io::Error| Error::Invalid(format!("cannot write {}: {e}", part.display()));
+    let cannot =
+        |e: std::io::Error| Error::Invalid(format!("cannot write {}: {e}", part.display()));
     let mut file = OpenOptions::new()
         .write(true)
         .create(true)
