@@ -729,6 +729,29 @@ impl Client {
             return Err(Error::Protocol("inconsistent get reply".into()));
         }
         let part = partial_path(local);
+        progress.start(reply.size, offset);
+        if offset == 0 && reply.filesize <= SMALL_DOWNLOAD {
+            // One buffer's worth (mget of many small files): read whole and verified in
+            // memory; the `.part` file is created, written, fsynced and named later, off
+            // the receive loop (see `VerifiedDownload::finish`). A mismatch creates no file.
+            let mut body = vec![0u8; reply.filesize as usize];
+            self.conn.read_body(&mut body).await?;
+            progress.advance(reply.filesize);
+            let mut hasher = ChunkHasher::new();
+            hasher.update(&body);
+            progress.finish();
+            let digest = check_download(&hasher.finish_chunks(), reply, &part, local)?;
+            return Ok(VerifiedDownload {
+                content: Received::Memory(body),
+                part,
+                local: local.to_path_buf(),
+                outcome: TransferOutcome {
+                    size: reply.size,
+                    resumed_from: 0,
+                    digest,
+                },
+            });
+        }
         let opened = {
             use std::os::unix::fs::OpenOptionsExt;
             OpenOptions::new()
@@ -750,45 +773,21 @@ impl Client {
         };
         file.set_len(offset)?;
         file.seek(SeekFrom::Start(offset))?;
-        progress.start(reply.size, offset);
-        let chunks = if offset == 0 && reply.filesize <= SMALL_DOWNLOAD {
-            // One buffer's worth: read whole and written here, no worker thread (mget of
-            // many small files).
-            let mut body = vec![0u8; reply.filesize as usize];
-            self.conn.read_body(&mut body).await?;
-            progress.advance(reply.filesize);
-            let mut hasher = ChunkHasher::new();
-            hasher.update(&body);
-            file.write_all(&body)?;
-            hasher.finish_chunks()
-        } else {
-            let prefix = hash_prefix(open_local(&part)?, offset);
-            let sink = HashingWriter {
-                file,
-                hasher: ChunkHasher::new(),
-            };
-            let sink = receive_body(&mut self.conn, reply.filesize, sink, &mut |n| {
-                progress.advance(n)
-            })
-            .await?;
-            file = sink.file;
-            let mut chunks = join_prefix(prefix).await?;
-            chunks.extend(sink.hasher.finish_chunks());
-            chunks
-        };
-        progress.finish();
-        let digest = file_digest(&chunks).to_hex().to_string();
-        if digest != reply.digest {
-            // Nothing in it can be trusted to resume from.
-            let _ = std::fs::remove_file(&part);
-            return Err(Error::ChecksumMismatch(format!(
-                "the download of {} does not match the server's checksum (got {digest}, expected {})",
-                local.display(),
-                reply.digest
-            )));
-        }
-        Ok(VerifiedDownload {
+        let prefix = hash_prefix(open_local(&part)?, offset);
+        let sink = HashingWriter {
             file,
+            hasher: ChunkHasher::new(),
+        };
+        let sink = receive_body(&mut self.conn, reply.filesize, sink, &mut |n| {
+            progress.advance(n)
+        })
+        .await?;
+        let mut chunks = join_prefix(prefix).await?;
+        chunks.extend(sink.hasher.finish_chunks());
+        progress.finish();
+        let digest = check_download(&chunks, reply, &part, local)?;
+        Ok(VerifiedDownload {
+            content: Received::File(sink.file),
             part,
             local: local.to_path_buf(),
             outcome: TransferOutcome {
@@ -946,22 +945,21 @@ impl Client {
 
     /// Download many files over this one connection, pipelined (like ftp's `mget`); each
     /// `(remote, local)` overwrites `local`. One result per file, in order. Verified files
-    /// are made durable and named in batches (see [`finish_downloads`]), so the disk
-    /// flushes once per batch rather than once per file; a broken connection still names
-    /// those already verified before it returns.
+    /// are written, made durable and named in batches on blocking threads while the next
+    /// replies are read (see [`Finisher`]), so the disk flushes once per batch rather than
+    /// once per file; a broken connection still names those already verified before it
+    /// returns.
     pub async fn get_many(
         &mut self,
         files: &[(String, PathBuf)],
         progress: &mut dyn Progress,
     ) -> Result<Vec<Result<TransferOutcome>>> {
         let mut results: Vec<Option<Result<TransferOutcome>>> = Vec::with_capacity(files.len());
-        let mut verified: Vec<(usize, VerifiedDownload)> = Vec::new();
+        let mut finisher = Finisher::default();
         let received = self
-            .receive_many(files, &mut results, &mut verified, progress)
+            .receive_many(files, &mut results, &mut finisher, progress)
             .await;
-        for (index, result) in finish_downloads(std::mem::take(&mut verified)).await {
-            results[index] = Some(result);
-        }
+        finisher.finish_all(&mut results).await;
         received?;
         Ok(results
             .into_iter()
@@ -970,12 +968,12 @@ impl Client {
     }
 
     /// `get_many`'s transfers: a result per file in `results`, or (verified, not yet
-    /// named) its download in `verified`, finished whenever a batch is full.
+    /// named) its download handed to `finisher`, which stores its result when done.
     async fn receive_many(
         &mut self,
         files: &[(String, PathBuf)],
         results: &mut Vec<Option<Result<TransferOutcome>>>,
-        verified: &mut Vec<(usize, VerifiedDownload)>,
+        finisher: &mut Finisher,
         progress: &mut dyn Progress,
     ) -> Result<()> {
         let mut sent = 0;
@@ -1012,12 +1010,10 @@ impl Client {
                 (_, reply) => reply,
             };
             results.push(None);
-            if verified.iter().any(|(_, waiting)| waiting.local == *local) {
+            if finisher.waiting_for(local) {
                 // The same local name twice: the first must be named before its `.part`
                 // file is reused.
-                for (index, result) in finish_downloads(std::mem::take(verified)).await {
-                    results[index] = Some(result);
-                }
+                finisher.finish_all(results).await;
             }
             let result = match reply {
                 Ok(reply) if reply.offset == 0 => {
@@ -1026,26 +1022,20 @@ impl Client {
                         .await;
                     // A local failure (cannot write, checksum) is this file's; a broken
                     // connection ends everything.
-                    match outcome {
-                        Err(e @ (Error::Io(_) | Error::ConnectionClosed | Error::Protocol(_))) => {
-                            return Err(e)
-                        }
-                        Ok(download) => {
-                            verified.push((index, download));
-                            None
-                        }
-                        Err(e) => Some(Err(e)),
+                    if let Err(e @ (Error::Io(_) | Error::ConnectionClosed | Error::Protocol(_))) =
+                        outcome
+                    {
+                        return Err(e);
                     }
+                    outcome
                 }
                 Ok(_) => return Err(Error::Protocol("unasked resume in a get reply".into())),
-                Err(e) => Some(Err(e)),
+                Err(e) => Err(e),
             };
             progress.file_done();
-            results[index] = result;
-            if verified.len() >= PIPELINE_WINDOW {
-                for (index, result) in finish_downloads(std::mem::take(verified)).await {
-                    results[index] = Some(result);
-                }
+            match result {
+                Ok(download) => finisher.push(index, download, results).await,
+                Err(e) => results[index] = Some(Err(e)),
             }
         }
         Ok(())
@@ -1886,25 +1876,53 @@ fn stream_error(e: std::io::Error) -> Error {
     Error::Invalid(format!("cannot write the output: {e}"))
 }
 
-/// A download received into its partial file and verified against the server's
-/// checksum, but neither durable nor under its name yet.
+/// The whole download's digest if it matches the server's; on a mismatch the partial file
+/// is removed (nothing in it can be trusted to resume from).
+fn check_download(
+    chunks: &[ChunkHash],
+    reply: &GetReply,
+    part: &Path,
+    local: &Path,
+) -> Result<String> {
+    let digest = file_digest(chunks).to_hex().to_string();
+    if digest != reply.digest {
+        let _ = std::fs::remove_file(part);
+        return Err(Error::ChecksumMismatch(format!(
+            "the download of {} does not match the server's checksum (got {digest}, expected {})",
+            local.display(),
+            reply.digest
+        )));
+    }
+    Ok(digest)
+}
+
+/// A download verified against the server's checksum, but neither durable nor under its
+/// name yet.
 struct VerifiedDownload {
-    file: File,
+    content: Received,
     part: PathBuf,
     local: PathBuf,
     outcome: TransferOutcome,
 }
 
-impl VerifiedDownload {
-    /// Make the bytes durable, then give the file its name: a crash never leaves a short
-    /// file under the real name.
-    fn finish(self) -> Result<TransferOutcome> {
-        self.file.sync_all()?;
-        self.name()
-    }
+/// Where a verified download's bytes are.
+enum Received {
+    /// Written into its partial file (`part`), as it arrived.
+    File(File),
+    /// A small download, still in memory: its partial file is not created yet.
+    Memory(Vec<u8>),
+}
 
-    /// The rename alone, for bytes already synced.
-    fn name(self) -> Result<TransferOutcome> {
+impl VerifiedDownload {
+    /// Write the bytes to the partial file if they are still in memory, make them
+    /// durable, then give the file its name: a crash never leaves a short file under the
+    /// real name. Blocking: `get_many` runs it on blocking threads.
+    fn finish(self) -> Result<TransferOutcome> {
+        let file = match self.content {
+            Received::File(file) => file,
+            Received::Memory(body) => write_part(&self.part, &body)?,
+        };
+        file.sync_all()?;
         std::fs::rename(&self.part, &self.local).map_err(|e| {
             Error::Invalid(format!(
                 "cannot rename {} to {}: {e}",
@@ -1916,45 +1934,128 @@ impl VerifiedDownload {
     }
 }
 
-/// Finish a batch of downloads (indexed by their place in the caller's results): every
-/// file's `fsync` at once, spread over a few threads, so the disk flushes the batch
-/// together instead of once per file in turn, then each rename after its own file's
-/// sync. Only this batch's files are synced, not the whole file system.
-async fn finish_downloads(
+/// Create (or truncate) the partial file `part` and write `body` into it; a failed
+/// write removes it (a short file is nothing to resume from).
+fn write_part(part: &Path, body: &[u8]) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let cannot =
+        |e: std::io::Error| Error::Invalid(format!("cannot write {}: {e}", part.display()));
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(part)
+        .map_err(cannot)?;
+    if let Err(e) = file.write_all(body) {
+        let _ = std::fs::remove_file(part);
+        return Err(cannot(e));
+    }
+    Ok(file)
+}
+
+/// Batches of this many verified downloads are finished together by `get_many`.
+const FINISH_BATCH: usize = PIPELINE_WINDOW;
+
+/// Batches being finished while `get_many` reads the next replies: at most this many;
+/// then the receive loop waits for the oldest (bounds the memory and threads in use).
+const BATCHES_IN_FLIGHT: usize = 3;
+
+/// `get_many`'s verified downloads on their way to their names. Each batch of
+/// [`FINISH_BATCH`] files is split over [`SYNC_THREADS`] blocking threads, which write,
+/// fsync and rename each of their files in turn (so the disk flushes a batch's files
+/// together instead of once per file in turn), while the receive loop goes on reading
+/// the next replies. Each file is renamed only after its own fsync; only these files are
+/// synced, not the whole file system.
+#[derive(Default)]
+struct Finisher {
+    /// The batch being filled: (index in the results, download).
     batch: Vec<(usize, VerifiedDownload)>,
-) -> Vec<(usize, Result<TransferOutcome>)> {
-    let (indices, downloads): (Vec<usize>, Vec<VerifiedDownload>) = batch.into_iter().unzip();
-    let per_thread = downloads.len().div_ceil(SYNC_THREADS).max(1);
-    let mut groups = Vec::new();
-    let mut rest = downloads.into_iter();
-    loop {
-        let group: Vec<VerifiedDownload> = rest.by_ref().take(per_thread).collect();
-        if group.is_empty() {
-            break;
-        }
-        let len = group.len();
-        let task = tokio::task::spawn_blocking(move || {
-            group
-                .into_iter()
-                .map(|d| d.file.sync_all().map(|()| d))
-                .collect::<Vec<_>>()
-        });
-        groups.push((len, task));
+    /// Groups of files being finished on blocking threads, oldest first: their indices,
+    /// local names, and the task.
+    running: VecDeque<FinishGroup>,
+    /// The local names of every file in `batch` or `running`.
+    unnamed: std::collections::HashSet<PathBuf>,
+}
+
+type FinishGroup = (
+    Vec<usize>,
+    Vec<PathBuf>,
+    tokio::task::JoinHandle<Vec<Result<TransferOutcome>>>,
+);
+
+impl Finisher {
+    /// Whether a download for `local` is still waiting for its name (its `.part` file
+    /// must not be reused before).
+    fn waiting_for(&self, local: &Path) -> bool {
+        self.unnamed.contains(local)
     }
-    let mut outcomes = Vec::with_capacity(indices.len());
-    for (len, task) in groups {
-        match task.await {
-            Ok(synced) => outcomes.extend(
-                synced
-                    .into_iter()
-                    .map(|d| d.map_err(Error::from).and_then(VerifiedDownload::name)),
-            ),
-            Err(e) => {
-                outcomes.extend((0..len).map(|_| Err(Error::Invalid(format!("fsync failed: {e}")))))
+
+    /// Add a verified download; start its batch when full, and if too many batches are
+    /// running, wait for the oldest, storing their outcomes in `results`.
+    async fn push(
+        &mut self,
+        index: usize,
+        download: VerifiedDownload,
+        results: &mut [Option<Result<TransferOutcome>>],
+    ) {
+        self.unnamed.insert(download.local.clone());
+        self.batch.push((index, download));
+        if self.batch.len() >= FINISH_BATCH {
+            self.start_batch();
+        }
+        while self.running.len() > BATCHES_IN_FLIGHT * SYNC_THREADS {
+            self.collect_oldest(results).await;
+        }
+    }
+
+    /// Hand the batch being filled to blocking threads.
+    fn start_batch(&mut self) {
+        let per_thread = self.batch.len().div_ceil(SYNC_THREADS).max(1);
+        let mut rest = std::mem::take(&mut self.batch).into_iter();
+        loop {
+            let group: Vec<(usize, VerifiedDownload)> = rest.by_ref().take(per_thread).collect();
+            if group.is_empty() {
+                break;
             }
+            let indices = group.iter().map(|(index, _)| *index).collect();
+            let locals = group.iter().map(|(_, d)| d.local.clone()).collect();
+            let task = tokio::task::spawn_blocking(move || {
+                group
+                    .into_iter()
+                    .map(|(_, download)| download.finish())
+                    .collect()
+            });
+            self.running.push_back((indices, locals, task));
         }
     }
-    indices.into_iter().zip(outcomes).collect()
+
+    /// Wait for the oldest running group and store its outcomes.
+    async fn collect_oldest(&mut self, results: &mut [Option<Result<TransferOutcome>>]) {
+        let Some((indices, locals, task)) = self.running.pop_front() else {
+            return;
+        };
+        let outcomes = match task.await {
+            Ok(outcomes) => outcomes,
+            Err(e) => (0..indices.len())
+                .map(|_| Err(Error::Invalid(format!("writing the download failed: {e}"))))
+                .collect(),
+        };
+        for (index, outcome) in indices.into_iter().zip(outcomes) {
+            results[index] = Some(outcome);
+        }
+        for local in locals {
+            self.unnamed.remove(&local);
+        }
+    }
+
+    /// Finish everything: the batch being filled and every running group.
+    async fn finish_all(&mut self, results: &mut [Option<Result<TransferOutcome>>]) {
+        self.start_batch();
+        while !self.running.is_empty() {
+            self.collect_oldest(results).await;
+        }
+    }
 }
 
 /// Writes the local file for `get`, hashing what it writes.

@@ -326,3 +326,45 @@ async fn get_many_of_two_files_to_one_local_name_leaves_the_second() {
     assert_eq!(std::fs::read(&out).unwrap(), b"the second file");
     assert!(!work.path().join("out.part").exists());
 }
+
+#[tokio::test]
+async fn get_many_failures_mid_batch_leave_the_other_files_named_and_no_part_files() {
+    let server = TestServer::start().await;
+    let mut client = server.user("bob").await;
+    let work = tempfile::tempdir().unwrap();
+    // More files than three batches of 64, so that several are finished at once while
+    // the next replies are read.
+    let count = 200;
+    let data: Vec<Vec<u8>> = (0..count)
+        .map(|i| random_bytes(100 + i, i as u64))
+        .collect();
+    for (i, bytes) in data.iter().enumerate() {
+        put_bytes(&mut client, work.path(), &format!("f{i}"), bytes).await;
+    }
+    let out = work.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let mut files: Vec<(String, std::path::PathBuf)> = (0..count)
+        .map(|i| (format!("f{i}"), out.join(format!("f{i}"))))
+        .collect();
+    // File 70 is not on the server.
+    files[70].0 = "no-such-file".to_string();
+    // File 130 cannot be written: its folder does not exist.
+    files[130].1 = out.join("missing").join("f130");
+
+    let results = client.get_many(&files, &mut NoProgress).await.unwrap();
+
+    assert_eq!(results.len(), count);
+    for (i, result) in results.iter().enumerate() {
+        let local = &files[i].1;
+        let part = local.with_file_name(format!("f{i}.part"));
+        assert!(!part.exists(), "{} left behind", part.display());
+        if i == 70 || i == 130 {
+            assert!(result.is_err(), "file {i} should have failed");
+            assert!(!local.exists(), "file {i} got a name");
+        } else {
+            assert_eq!(result.as_ref().unwrap().size, data[i].len() as u64);
+            assert_eq!(std::fs::read(local).unwrap(), data[i], "file {i}");
+        }
+    }
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), count - 2);
+}
