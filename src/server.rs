@@ -634,6 +634,9 @@ struct Handler {
     unsynced: Vec<Durable>,
     /// Quota reservations of those commits (their files count once they are named).
     held_reservations: Vec<Reservation>,
+    /// A group commit failed: acknowledgments of files that may not be durable are in the
+    /// output buffer, so the connection ends without sending (or flushing) anything more.
+    commit_failed: bool,
     /// Body bytes the current request announced and no one has read yet.
     body_left: u64,
     /// Becomes true when the server shuts down: an idle connection closes then.
@@ -660,6 +663,7 @@ impl Handler {
             upload: None,
             unsynced: Vec::new(),
             held_reservations: Vec::new(),
+            commit_failed: false,
             body_left: 0,
             stopping,
         }
@@ -748,6 +752,10 @@ impl Handler {
                 }
                 (other, _) => other,
             };
+            if self.commit_failed {
+                error!(peer = %self.peer, "group commit failed; closing without replying");
+                break;
+            }
             let user = self.user.as_deref().unwrap_or("-");
             let ms = command_started.elapsed().as_millis() as u64;
             match result {
@@ -780,8 +788,9 @@ impl Handler {
                 Err(Error::Protocol(message)) => {
                     warn!(peer = %self.peer, user, cmd, %message, "bad frame; closing");
                     let _ = self.conn.write_error(ErrorCode::BadRequest, &message).await;
-                    let _ = self.send_replies(true).await;
-                    let _ = self.conn.shutdown().await;
+                    if self.send_replies(true).await.is_ok() {
+                        let _ = self.conn.shutdown().await;
+                    }
                     break;
                 }
                 Err(Error::ConnectionClosed) => {
@@ -801,8 +810,10 @@ impl Handler {
                         .conn
                         .write_error(ErrorCode::Internal, "internal server error")
                         .await;
-                    let _ = self.send_replies(true).await;
-                    let _ = self.conn.shutdown().await;
+                    // (A failed group commit sends nothing: shutting down would flush.)
+                    if self.send_replies(true).await.is_ok() {
+                        let _ = self.conn.shutdown().await;
+                    }
                     break;
                 }
             }
@@ -829,6 +840,9 @@ impl Handler {
     /// acknowledgment leaves before its file is on stable storage. A client that does not
     /// read its replies blocks this flush, and so stops being read from (backpressure).
     async fn send_replies(&mut self, closing: bool) -> Result<()> {
+        if self.commit_failed {
+            return Err(Error::Invalid("a group commit failed".into()));
+        }
         let batch_full = self.unsynced.len() >= GROUP_COMMIT_MAX;
         if self.conn.has_buffered_input() && !closing && !batch_full {
             return Ok(());
@@ -848,6 +862,7 @@ impl Handler {
         }
         .await;
         self.held_reservations.clear();
+        self.commit_failed |= settled.is_err();
         settled
     }
 
