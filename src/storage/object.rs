@@ -2104,9 +2104,18 @@ impl Drop for ObjectUpload {
             runtime.spawn(async move {
                 record.lease_until = 0;
                 let key = inner.record_key(&user, &record.path);
-                let _ = inner
-                    .write_record(&key, &record, Some(tag.as_deref().unwrap_or("")))
-                    .await;
+                // Only over this upload's own record: a record removed meanwhile
+                // (`remove_partial`) must not come back. If-Match says so on S3; the
+                // look first also covers stores that ignore it.
+                let ours = matches!(
+                    inner.read_record(&key).await,
+                    Ok(Some((_, meta))) if meta.etag() == tag.as_deref()
+                );
+                if ours {
+                    let _ = inner
+                        .write_record(&key, &record, Some(tag.as_deref().unwrap_or("")))
+                        .await;
+                }
             });
         }
     }
