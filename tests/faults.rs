@@ -38,12 +38,34 @@ struct KillAt {
     sent: u64,
     after: u64,
     server: Arc<Mutex<ServerProcess>>,
+    /// The user's staging folder: the kill waits (bounded) until a chunk record is there,
+    /// so it lands after the first checkpoint however slowly the disk flushes.
+    partial: std::path::PathBuf,
+}
+
+impl KillAt {
+    fn a_chunk_is_recorded(&self) -> bool {
+        std::fs::read_dir(&self.partial)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|entry| {
+                entry.path().extension().is_some_and(|e| e == "hashes")
+                    && entry.metadata().is_ok_and(|m| m.len() >= 32)
+            })
+    }
 }
 
 impl Progress for KillAt {
     fn advance(&mut self, bytes: u64) {
         self.sent += bytes;
         if self.sent >= self.after && self.sent - bytes < self.after {
+            for _ in 0..2_000 {
+                if self.a_chunk_is_recorded() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
             self.server.lock().unwrap().kill9();
         }
     }
@@ -73,6 +95,7 @@ async fn kill_9_during_an_upload_loses_nothing_and_the_upload_resumes() {
         sent: 0,
         after: data.len() as u64 * 3 / 4,
         server: server.clone(),
+        partial: root.join("partial/crash"),
     };
     let result = client.put(&local, "big.bin", false, &mut killer).await;
     assert!(result.is_err(), "the server died mid-upload");
@@ -136,6 +159,7 @@ async fn after_kill_9_mid_upload_every_chunk_record_matches_its_data() {
         sent: 0,
         after: data.len() as u64 * 3 / 4,
         server: server.clone(),
+        partial: root.join("partial/rec"),
     };
     let result = client.put(&local, "big.bin", false, &mut killer).await;
     assert!(result.is_err(), "the server died mid-upload");
