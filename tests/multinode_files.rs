@@ -9,6 +9,7 @@ mod common;
 use common::*;
 use netdisk::client::{Client, NoProgress};
 use netdisk::server::TlsSetting;
+use netdisk::ErrorCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -74,10 +75,23 @@ async fn an_upload_cut_on_one_node_resumes_on_the_other() {
     on_b.login_with_token(&token).await.unwrap();
     let partial = on_b.list_partial().await.unwrap();
     assert!(partial.iter().any(|e| e.name == "big.bin"), "{partial:?}");
-    let outcome = on_b
-        .put(&local, "big.bin", false, &mut NoProgress)
-        .await
-        .unwrap();
+    // A notices the cut and gives up its lease a moment later (asynchronously): until
+    // then B says Busy. Bounded at 10 s, well under the 60 s lease, so this still checks
+    // that the lease is given up early rather than left to expire.
+    let mut outcome = None;
+    for _ in 0..200 {
+        match on_b.put(&local, "big.bin", false, &mut NoProgress).await {
+            Ok(done) => {
+                outcome = Some(done);
+                break;
+            }
+            Err(e) if e.code() == Some(ErrorCode::Busy) => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let outcome = outcome.expect("A never gave up its lease on big.bin");
     assert!(
         outcome.resumed_from >= 4 * MIB as u64,
         "resumed from {}",
