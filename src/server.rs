@@ -20,7 +20,7 @@ use base64::Engine;
 use serde_json::{Map, Value};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::conncheck;
 use crate::digest::{file_digest, ChunkHash, CHUNK_SIZE};
@@ -761,7 +761,12 @@ impl Handler {
             match result {
                 Ok(outcome) => {
                     bytes += outcome.bytes;
-                    info!(peer = %self.peer, user, cmd, bytes = outcome.bytes, ms, "ok");
+                    if cmd == "put" {
+                        // The start of an upload: its `put_data` and `put_commit` are logged.
+                        debug!(peer = %self.peer, user, cmd, ms, "ok");
+                    } else {
+                        info!(peer = %self.peer, user, cmd, bytes = outcome.bytes, ms, "ok");
+                    }
                     if self.send_replies(outcome.close).await.is_err() || outcome.close {
                         break;
                     }
@@ -1472,7 +1477,9 @@ impl Handler {
         // so its name is free and its staged files settled when this connection ends.
         let finished = active.upload.finish_writes().await;
         received?;
-        finished?;
+        if let Some(buf) = finished? {
+            self.shared.buffers.put(buf);
+        }
         let offset = active.upload.offset();
         self.upload = Some(active);
         self.conn
@@ -1503,7 +1510,9 @@ impl Handler {
                 None => {
                     // All buffers are out: give back the one being written before waiting,
                     // so uploads never wait on each other's held buffers.
-                    upload.finish_writes().await?;
+                    if let Some(buf) = upload.finish_writes().await? {
+                        self.shared.buffers.put(buf);
+                    }
                     leases.clear();
                     self.shared.buffers.get().await
                 }

@@ -69,6 +69,7 @@ async fn contract(storage: Arc<dyn Storage>) {
     listing_pages_and_stat(&*storage).await;
     pages_follow_names_not_keys(&*storage).await;
     folders_are_made_and_refused(&*storage).await;
+    a_folder_in_the_way_is_refused(&*storage).await;
     uploads_commit_and_read_in_ranges(&*storage).await;
     overwrite_and_remove_keep_versions(&*storage).await;
     renames_move_files_and_folders(&*storage).await;
@@ -172,6 +173,44 @@ async fn pages_follow_names_not_keys(s: &dyn Storage) {
     assert_eq!(names(s, "page", "a b").await, ["inside"]);
     let err = s.list("page", "a.txt", None, 10).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::WrongType), "{err}");
+}
+
+/// An upload onto a folder, or under a file, is refused (by its commit at the latest:
+/// small uploads may only find out at their last write) and changes nothing.
+async fn a_folder_in_the_way_is_refused(s: &dyn Storage) {
+    s.create_user("gus").await.unwrap();
+    s.mkdir("gus", "dir", false).await.unwrap();
+    put(s, "gus", "file", b"f").await;
+    for (path, size) in [
+        ("dir", 10),
+        ("dir", 0),
+        ("file/inner", 10),
+        ("dir", 20 * MIB),
+        ("file/inner", 20 * MIB),
+    ] {
+        let bytes = vec![7u8; size];
+        let refused = async {
+            let mut upload = s.begin_upload("gus", path, size as u64, false).await?;
+            upload.start_write(0, size as u64)?;
+            for piece in bytes.chunks(MIB) {
+                upload.write(piece.to_vec(), piece.len()).await?;
+            }
+            upload.finish_writes().await?;
+            let committed = upload.commit(&digest_of(&bytes), None).await?;
+            committed.durable.wait().await
+        }
+        .await
+        .unwrap_err();
+        assert_eq!(
+            refused.code(),
+            Some(ErrorCode::WrongType),
+            "{path} ({size} bytes): {refused}"
+        );
+    }
+    assert_eq!(s.stat("gus", "dir").await.unwrap().kind, Kind::Dir);
+    assert!(names(s, "gus", "dir").await.is_empty());
+    assert_eq!(read_all(s, "gus", "file").await, b"f");
+    assert!(s.list_partial("gus").await.unwrap().is_empty());
 }
 
 async fn folders_are_made_and_refused(s: &dyn Storage) {

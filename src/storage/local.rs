@@ -247,7 +247,12 @@ impl Storage for LocalStorage {
     ) -> Result<Box<dyn Upload>> {
         let (user, path) = (user.to_string(), path.to_string());
         let inner = self.inner.clone();
-        let state = blocking(move || inner.begin_upload(&user, &path, size, restart)).await?;
+        let state = if size <= GROUP_COMMIT_FILE_MAX {
+            // No disk yet: a small upload's one blocking hop is its write (see `write`).
+            inner.claim_small_upload(&user, &path, size)?
+        } else {
+            blocking(move || inner.begin_upload(&user, &path, size, restart)).await?
+        };
         Ok(Box::new(LocalUpload {
             size,
             state: Arc::new(Mutex::new(state)),
@@ -483,10 +488,7 @@ impl Inner {
         create: bool,
     ) -> Result<(OwnedFd, &'a str)> {
         let Some((name, parents)) = components.split_last() else {
-            return Err(Error::remote(
-                ErrorCode::WrongType,
-                "the path is your whole folder; give a file or folder inside it",
-            ));
+            return Err(whole_folder());
         };
         let files = self.user_dir("files", user)?;
         let dir = fsat::walk(&files, parents, create).map_err(|e| fsat::error(e, path))?;
@@ -644,8 +646,7 @@ impl Inner {
         }
         let lock = UploadLock::take(&self.uploading, user, &canonical)?;
         let paths = self.partial_paths(user, &canonical)?;
-        let deferred = size <= GROUP_COMMIT_FILE_MAX;
-        let prefix = if restart || deferred {
+        let prefix = if restart {
             None
         } else {
             staged_prefix(&paths, &canonical, size)
@@ -658,14 +659,6 @@ impl Inner {
                 let hashes = OpenOptions::new().write(true).open(&paths.hashes)?;
                 hashes.set_len(chunks.len() as u64 * 32)?;
                 (data, Some(hashes), chunks)
-            }
-            None if deferred => {
-                // Only the data file (created or truncated): creating files is most of a
-                // small upload's cost. A resumable upload staged for this path is replaced.
-                if paths.info.exists() {
-                    paths.remove();
-                }
-                (create_file(&paths.data)?, None, Vec::new())
             }
             None => {
                 paths.remove();
@@ -682,9 +675,7 @@ impl Inner {
                 (data, Some(hashes), Vec::new())
             }
         };
-        if !deferred {
-            self.forget_cached(user); // a staged upload counts toward usage
-        }
+        self.forget_cached(user); // a staged upload counts toward usage
         let offset = (chunks.len() as u64 * CHUNK_SIZE).min(size);
         let missing = (0..chunks.len() as u64)
             .filter(|&i| chunks[i as usize] == MISSING_CHUNK)
@@ -699,15 +690,48 @@ impl Inner {
             recorded: chunks.len() as u64,
             unrecorded: Vec::new(),
             checkpoint: None,
-            data,
+            data: Some(data),
             hashes,
             hasher: ChunkHasher::resume(chunks),
             missing,
             repaired: Vec::new(),
             writing: Writing::Append,
-            deferred,
+            deferred: false,
             committed: false,
             paths,
+            _lock: lock,
+        })
+    }
+
+    /// Claim the upload of a small file (batched, see [`GROUP_COMMIT_FILE_MAX`]) without
+    /// touching the disk: its data file is made by its first write (`open_small`), and a
+    /// folder in the way is refused by its last one (`check_small_target`).
+    fn claim_small_upload(&self, user: &str, path: &str, size: u64) -> Result<UploadState> {
+        check_user_name(user)?;
+        let components = split_path(path)?;
+        if components.is_empty() {
+            return Err(whole_folder());
+        }
+        let canonical = components.join("/");
+        let lock = UploadLock::take(&self.uploading, user, &canonical)?;
+        let base = self.user_path("partial", user).join(name_key(&canonical));
+        Ok(UploadState {
+            user: user.to_string(),
+            path: canonical,
+            size,
+            received: 0,
+            recorded: 0,
+            unrecorded: Vec::new(),
+            checkpoint: None,
+            data: None,
+            hashes: None,
+            hasher: ChunkHasher::new(),
+            missing: BTreeSet::new(),
+            repaired: Vec::new(),
+            writing: Writing::Append,
+            deferred: true,
+            committed: false,
+            paths: PartialPaths::from_info(&base.with_extension("json")),
             _lock: lock,
         })
     }
@@ -1297,7 +1321,8 @@ struct UploadState {
     size: u64,
     /// Where the staged data ends; appends go here.
     received: u64,
-    data: File,
+    /// The `.data` file (a batched upload's is made by its first write).
+    data: Option<File>,
     /// The `.hashes` record (none for batched uploads).
     hashes: Option<File>,
     /// Chunk entries in `.hashes` (recorded or being recorded by `checkpoint`).
@@ -1371,24 +1396,32 @@ impl Upload for LocalUpload {
             Some(write) => Some(join(write).await?),
             None => None,
         };
-        let state = self.state.clone();
+        let (state, inner) = (self.state.clone(), self.inner.clone());
         self.inflight = Some(tokio::task::spawn_blocking(move || {
             let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+            if state.deferred {
+                state.open_small(&inner)?;
+            }
             state.write(&buf[..len])?;
+            if state.deferred && state.received == state.size {
+                state.check_small_target(&inner)?;
+            }
             Ok(buf)
         }));
         Ok(previous)
     }
 
-    async fn finish_writes(&mut self) -> Result<()> {
-        if let Some(write) = self.inflight.take() {
-            join(write).await?;
-        }
+    async fn finish_writes(&mut self) -> Result<Option<Vec<u8>>> {
+        let buf = match self.inflight.take() {
+            Some(write) => Some(join(write).await?),
+            None => None,
+        };
         if !self.state().needs_checkpoint() {
-            return Ok(()); // batched uploads keep no record: no blocking hop
+            return Ok(buf); // batched uploads keep no record: no blocking hop
         }
         let state = self.state.clone();
-        blocking(move || state.lock().unwrap_or_else(|e| e.into_inner()).checkpoint()).await
+        blocking(move || state.lock().unwrap_or_else(|e| e.into_inner()).checkpoint()).await?;
+        Ok(buf)
     }
 
     async fn commit(
@@ -1397,14 +1430,18 @@ impl Upload for LocalUpload {
         chunks: Option<Vec<ChunkHash>>,
     ) -> Result<Committed> {
         self.finish_writes().await?;
-        let state = self.state.clone();
-        let inner = self.inner.clone();
-        let digest = digest.to_string();
-        let (size, actual, deferred) = blocking(move || {
-            let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
-            state.commit(&inner, &digest, chunks.as_deref())
-        })
-        .await?;
+        let written = {
+            let state = self.state();
+            state.deferred && state.data.is_some() && state.received == state.size
+        };
+        let (size, actual, deferred) = if written {
+            // A batched upload written whole: its last write checked where it goes, so
+            // only the digest is left to verify, which needs no disk.
+            let (size, actual) = self.state().verify_small(digest)?;
+            (size, actual, true)
+        } else {
+            self.commit_on_disk(digest, chunks).await?
+        };
         let durable = if deferred {
             let placed = self.inner.group.enqueue(self.state.clone());
             Durable::later(self.inner.group.clone().wait(self.inner.clone(), placed))
@@ -1419,16 +1456,89 @@ impl Upload for LocalUpload {
     }
 }
 
+impl LocalUpload {
+    /// The commit's work on a blocking thread: verify, and fsync and name (resumable
+    /// uploads) or check where it goes (batched ones).
+    async fn commit_on_disk(
+        &self,
+        digest: &str,
+        chunks: Option<Vec<ChunkHash>>,
+    ) -> Result<(u64, String, bool)> {
+        let state = self.state.clone();
+        let inner = self.inner.clone();
+        let digest = digest.to_string();
+        blocking(move || {
+            let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+            state.commit(&inner, &digest, chunks.as_deref())
+        })
+        .await
+    }
+}
+
 impl Drop for UploadState {
     /// A batched upload that was not committed leaves nothing behind (it cannot resume).
     fn drop(&mut self) {
-        if self.deferred && !self.committed {
+        if self.deferred && !self.committed && self.data.is_some() {
             let _ = fs::remove_file(&self.paths.data);
         }
     }
 }
 
 impl UploadState {
+    /// The `.data` file: a resumable upload's is open from the start, a batched one's
+    /// from its first write.
+    fn file(&self) -> Result<&File> {
+        opened(&self.data)
+    }
+
+    /// Make a batched upload's data file (created or truncated), once: only this one file,
+    /// as creating files is most of a small upload's cost. A resumable upload staged for
+    /// the same path is replaced.
+    fn open_small(&mut self, inner: &Inner) -> Result<()> {
+        if self.data.is_some() {
+            return Ok(());
+        }
+        if self.paths.info.exists() {
+            self.paths.remove();
+        }
+        let data = match create_file(&self.paths.data) {
+            Err(_) if !self.paths.data.parent().is_some_and(Path::exists) => {
+                inner.user_dir("partial", &self.user)?; // the user's first staged upload
+                create_file(&self.paths.data)
+            }
+            other => other,
+        }?;
+        self.data = Some(data);
+        Ok(())
+    }
+
+    /// A folder in the way of a batched upload is refused before its commit is queued
+    /// (missing parent folders are made when it is named).
+    fn check_small_target(&self, inner: &Inner) -> Result<()> {
+        let components = split_path(&self.path)?;
+        match inner.parent_of(&self.user, &components, &self.path, false) {
+            Ok((dir, name)) => {
+                if fsat::stat(&dir, name).is_ok_and(|s| fsat::kind(&s) == FileType::Directory) {
+                    return Err(fsat::error(Errno::ISDIR, &self.path));
+                }
+                Ok(())
+            }
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Verify a batched upload written whole (no disk: its bytes were hashed as they were
+    /// written). Returns (size, digest). On a mismatch nothing stays staged.
+    fn verify_small(&mut self, digest: &str) -> Result<(u64, String)> {
+        let chunks = std::mem::take(&mut self.hasher).finish_chunks();
+        let actual = file_digest(&chunks).to_hex().to_string();
+        if !digest.eq_ignore_ascii_case(&actual) {
+            return Err(discarded(&self.path));
+        }
+        Ok((self.size, actual))
+    }
+
     fn start_write(&mut self, offset: u64, len: u64) -> Result<()> {
         let end = offset.checked_add(len).filter(|&end| end <= self.size);
         if offset == self.received && end == Some(self.size) {
@@ -1489,7 +1599,7 @@ impl UploadState {
                 "more data than the announced size",
             ));
         }
-        self.data.write_all(bytes).map_err(storage_error)?;
+        self.file()?.write_all(bytes).map_err(storage_error)?;
         let complete_before = self.hasher.complete_chunks().len();
         self.hasher.update(bytes);
         self.received += bytes.len() as u64;
@@ -1507,7 +1617,7 @@ impl UploadState {
             self.unrecorded.extend(done);
             let end = self.recorded + self.unrecorded.len() as u64;
             // Start writing the finished chunks back now, so later fsyncs find little left.
-            start_writeback(&self.data, first * CHUNK_SIZE, (end - first) * CHUNK_SIZE);
+            start_writeback(self.file()?, first * CHUNK_SIZE, (end - first) * CHUNK_SIZE);
             if self.unrecorded.len() as u64 * CHUNK_SIZE >= CHECKPOINT_BYTES {
                 self.start_checkpoint()?;
             }
@@ -1525,7 +1635,7 @@ impl UploadState {
         let Some(hashes) = &self.hashes else {
             return Ok(());
         };
-        let (data, hashes) = (self.data.try_clone()?, hashes.try_clone()?);
+        let (data, hashes) = (self.file()?.try_clone()?, hashes.try_clone()?);
         let records = std::mem::take(&mut self.unrecorded).concat();
         let at = self.recorded * 32;
         self.recorded += records.len() as u64 / 32;
@@ -1556,7 +1666,7 @@ impl UploadState {
     fn checkpoint(&mut self) -> Result<()> {
         self.join_checkpoint()?;
         if let Some(hashes) = self.hashes.as_ref().filter(|_| !self.unrecorded.is_empty()) {
-            self.data.sync_data().map_err(storage_error)?;
+            self.file()?.sync_data().map_err(storage_error)?;
             let records = std::mem::take(&mut self.unrecorded).concat();
             hashes
                 .write_all_at(&records, self.recorded * 32)
@@ -1584,7 +1694,8 @@ impl UploadState {
                 "more data than the announced range",
             ));
         }
-        self.data.write_all_at(bytes, *at).map_err(storage_error)?;
+        let data = opened(&self.data)?; // (not `self.file()`: `self.writing` is borrowed)
+        data.write_all_at(bytes, *at).map_err(storage_error)?;
         let before = hasher.complete_chunks().len();
         hasher.update(bytes);
         *at += bytes.len() as u64;
@@ -1593,7 +1704,7 @@ impl UploadState {
             done.extend(hasher.clone().finish_chunks().last());
         }
         if let Some(hashes) = self.hashes.as_ref().filter(|_| !done.is_empty()) {
-            self.data.sync_data().map_err(storage_error)?;
+            data.sync_data().map_err(storage_error)?;
             for (index, hash) in (*first + before as u64..).zip(done) {
                 hashes
                     .write_all_at(&hash, index * 32)
@@ -1640,7 +1751,8 @@ impl UploadState {
         }
         if self.deferred {
             // Named later by the group commit, after one sync of the batch's bytes; a
-            // folder in the way is refused now.
+            // folder in the way is refused now. (An empty file had no write to make it.)
+            self.open_small(inner)?;
             let components = split_path(&self.path)?;
             let (dir, name) = inner.parent_of(&self.user, &components, &self.path, true)?;
             if fsat::stat(&dir, name).is_ok_and(|s| fsat::kind(&s) == FileType::Directory) {
@@ -1650,7 +1762,7 @@ impl UploadState {
         }
         // The bytes are durable before the file takes its name: a power cut must never
         // leave a short file under a real name.
-        self.data.sync_data().map_err(storage_error)?;
+        self.file()?.sync_data().map_err(storage_error)?;
         self.place(inner, &chunks)?;
         Ok((self.size, actual, false))
     }
@@ -1684,7 +1796,7 @@ impl UploadState {
         // worth a file for files of several chunks (never a batched one).
         if chunks.len() > 1 {
             if let (Ok(meta), Ok(meta_path)) = (
-                self.data.metadata(),
+                self.file().and_then(|f| Ok(f.metadata()?)),
                 inner.meta_path(&self.user, &self.path),
             ) {
                 let _ = write_meta(&meta_path, &FileStamp::of(&meta), chunks);
@@ -1733,13 +1845,7 @@ impl UploadState {
             }
         }
         self.paths.remove();
-        Error::remote(
-            ErrorCode::ChecksumMismatch,
-            format!(
-                "checksum mismatch for {}: the upload was discarded",
-                self.path
-            ),
-        )
+        discarded(&self.path)
     }
 
     /// Zero the `.hashes` entries of the chunks in `runs` (durably, before any of their
@@ -1976,6 +2082,25 @@ fn create_file(path: &Path) -> Result<File> {
         .mode(FILE_MODE)
         .open(path)
         .map_err(storage_error)
+}
+
+fn opened(data: &Option<File>) -> Result<&File> {
+    data.as_ref()
+        .ok_or_else(|| Error::remote(ErrorCode::Internal, "upload data file not open"))
+}
+
+fn discarded(path: &str) -> Error {
+    Error::remote(
+        ErrorCode::ChecksumMismatch,
+        format!("checksum mismatch for {path}: the upload was discarded"),
+    )
+}
+
+fn whole_folder() -> Error {
+    Error::remote(
+        ErrorCode::WrongType,
+        "the path is your whole folder; give a file or folder inside it",
+    )
 }
 
 /// Run blocking work (disk, fsync) off the async threads.

@@ -230,8 +230,8 @@ pub trait Upload: Send {
     /// bytes are written (write-behind); returns a buffer the caller can reuse. An error of
     /// an earlier write surfaces here or in `finish_writes`.
     async fn write(&mut self, buf: Vec<u8>, len: usize) -> Result<Option<Vec<u8>>>;
-    /// Wait for writes in flight.
-    async fn finish_writes(&mut self) -> Result<()>;
+    /// Wait for writes in flight; returns the buffer of the last one, for reuse.
+    async fn finish_writes(&mut self) -> Result<Option<Vec<u8>>>;
     /// Verify the whole file, as hashed from the staged bytes, against `digest` (hex) and
     /// give it its name. On a mismatch, `chunks` (the sender's chunk hashes, if sent)
     /// decides what stays staged: matching chunks stay, others become missing.

@@ -1136,6 +1136,18 @@ impl Storage for ObjectStorage {
             if let Some((Kind::Dir, _)) = self.inner.kind_at(user, &path).await? {
                 return Err(fsat::error(Errno::ISDIR, &path));
             }
+            // A file in place of a folder above it, too (looking up to the nearest folder).
+            for depth in (1..components.len()).rev() {
+                match self
+                    .inner
+                    .kind_at(user, &components[..depth].join("/"))
+                    .await?
+                {
+                    Some((Kind::Dir, _)) => break,
+                    Some((Kind::File, _)) => return Err(fsat::error(Errno::NOTDIR, &path)),
+                    None => {}
+                }
+            }
         }
         let lock = UploadLock::take(&self.inner.uploading, user, &path)?;
         let mut upload = ObjectUpload {
@@ -1972,8 +1984,8 @@ impl Upload for ObjectUpload {
         Ok(Some(buf))
     }
 
-    async fn finish_writes(&mut self) -> Result<()> {
-        Ok(())
+    async fn finish_writes(&mut self) -> Result<Option<Vec<u8>>> {
+        Ok(None) // every write gave its buffer back at once
     }
 
     async fn commit(
