@@ -1,6 +1,6 @@
 //! The client library: one connection to a server, one method per command.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -272,29 +272,40 @@ impl Client {
         let mut all = Vec::new();
         let mut after: Option<String> = None;
         loop {
-            let reply: ListReply = self
-                .conn
-                .call(&Request::Ls {
-                    path: path.to_string(),
-                    partial,
-                    after: after.clone(),
-                    limit: None,
-                })
-                .await?;
-            if reply.filesize > MAX_LISTING_LEN {
-                return Err(Error::Protocol("listing too large".into()));
-            }
-            let mut body = vec![0u8; reply.filesize as usize];
-            self.conn.read_body(&mut body).await?;
-            let page: Vec<T> = serde_json::from_slice(&body)
-                .map_err(|e| Error::Protocol(format!("bad listing: {e}")))?;
+            let (page, next) = self.list_page(path, partial, after.clone()).await?;
             all.extend(page);
-            match reply.next {
+            match next {
                 Some(next) if after.as_deref() != Some(next.as_str()) => after = Some(next),
                 Some(_) => return Err(Error::Protocol("the listing does not advance".into())),
                 None => return Ok(all),
             }
         }
+    }
+
+    /// One page of a listing, and the name to continue after (none on the last page).
+    async fn list_page<T: serde::de::DeserializeOwned>(
+        &mut self,
+        path: &str,
+        partial: bool,
+        after: Option<String>,
+    ) -> Result<(Vec<T>, Option<String>)> {
+        let reply: ListReply = self
+            .conn
+            .call(&Request::Ls {
+                path: path.to_string(),
+                partial,
+                after,
+                limit: None,
+            })
+            .await?;
+        if reply.filesize > MAX_LISTING_LEN {
+            return Err(Error::Protocol("listing too large".into()));
+        }
+        let mut body = vec![0u8; reply.filesize as usize];
+        self.conn.read_body(&mut body).await?;
+        let page: Vec<T> = serde_json::from_slice(&body)
+            .map_err(|e| Error::Protocol(format!("bad listing: {e}")))?;
+        Ok((page, reply.next))
     }
 
     /// One file or folder; with `digest`, a file's checksum too.
@@ -1335,15 +1346,11 @@ impl Client {
                 .collect()
         };
         let remote_paths: Vec<&String> = files.iter().map(|f| &f.1).collect();
-        let sizes = self
-            .pipelined::<FileEntry>(&stats(false, &remote_paths))
-            .await?;
+        let sizes = self.remote_files(&remote_paths).await?;
         let same_size: Vec<bool> = files
             .iter()
             .zip(&sizes)
-            .map(|((_, _, size), remote)| {
-                matches!(remote, Ok(e) if e.kind == EntryType::File && e.size == *size)
-            })
+            .map(|((_, _, size), remote)| *remote == Some(*size))
             .collect();
         // Same size: hash the local file and ask for the server's checksum.
         let candidates: Vec<usize> = (0..files.len()).filter(|&i| same_size[i]).collect();
@@ -1395,6 +1402,60 @@ impl Client {
             }
         }
         Ok(())
+    }
+
+    /// The size of each of `paths` that is a file on the server (`None`: not there, or not
+    /// a file). A folder that receives many of them is listed (one page) rather than asked
+    /// about once per file; a larger folder, and the rest, get a pipelined `stat` each.
+    async fn remote_files(&mut self, paths: &[&String]) -> Result<Vec<Option<u64>>> {
+        // Outer `None`: not known yet.
+        let mut known: Vec<Option<Option<u64>>> = vec![None; paths.len()];
+        let mut by_folder: HashMap<String, Vec<(usize, String)>> = HashMap::new();
+        for (i, path) in paths.iter().enumerate() {
+            let Ok(path) = remote_path(path) else {
+                continue; // the stat reports it
+            };
+            let (folder, name) = path.rsplit_once('/').unwrap_or(("", &path));
+            by_folder
+                .entry(folder.to_string())
+                .or_default()
+                .push((i, name.to_string()));
+        }
+        for (folder, names) in by_folder {
+            if names.len() < LIST_RATHER_THAN_STAT {
+                continue;
+            }
+            let files: HashMap<String, u64> = match self.list_page(&folder, false, None).await {
+                Ok((entries, None)) => entries
+                    .into_iter()
+                    .filter(|e: &FileEntry| e.kind == EntryType::File)
+                    .map(|e| (e.name, e.size))
+                    .collect(),
+                Ok((_, Some(_))) => continue, // more than a page: a stat per file
+                Err(e) if e.code() == Some(ErrorCode::NotFound) => HashMap::new(),
+                Err(e) if e.code().is_some() => continue, // the stats say what is wrong
+                Err(e) => return Err(e),
+            };
+            for (i, name) in names {
+                known[i] = Some(files.get(&name).copied());
+            }
+        }
+        let unknown: Vec<usize> = (0..paths.len()).filter(|&i| known[i].is_none()).collect();
+        let stats: Vec<Request> = unknown
+            .iter()
+            .map(|&i| Request::Stat {
+                path: paths[i].to_string(),
+                digest: false,
+            })
+            .collect();
+        let entries = self.pipelined::<FileEntry>(&stats).await?;
+        for (i, entry) in unknown.into_iter().zip(entries) {
+            known[i] = Some(match entry {
+                Ok(e) if e.kind == EntryType::File => Some(e.size),
+                _ => None,
+            });
+        }
+        Ok(known.into_iter().map(Option::flatten).collect())
     }
 
     /// Download the remote folder `remote_dir` and everything in it into the local folder
@@ -1772,6 +1833,10 @@ fn verify_commit(
 
 /// Requests of this many files are in flight at once in `put_many` / `get_many`.
 pub const PIPELINE_WINDOW: usize = 64;
+
+/// Files bound for one remote folder from which `mput`/`put -r` list the folder (one
+/// page) to learn which are there, instead of a `stat` each.
+const LIST_RATHER_THAN_STAT: usize = 16;
 
 /// Files up to this size are read whole and pipelined by `put_many`.
 const SMALL_FILE: u64 = 1024 * 1024;

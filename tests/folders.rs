@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::*;
 use netdisk::client::{Client, NoProgress};
@@ -371,4 +371,64 @@ async fn put_tree_and_get_tree_round_trip_then_resume_sends_nothing() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::WrongType), "{err}");
+}
+
+/// `mput` of many files into one folder learns what is there from one listing page (and,
+/// in a folder of more than a page, from a stat per file): either way, unchanged files are
+/// not sent again and changed ones are, whatever their size.
+#[tokio::test]
+async fn put_files_into_a_full_folder_sends_only_what_changed() {
+    let server = TestServer::start().await;
+    let mut client = server.user("many").await;
+    let work = tempfile::tempdir().unwrap();
+    for (folder, count) in [("some", 40), ("page_and_more", 1005)] {
+        let files: Vec<(PathBuf, String)> = (0..count)
+            .map(|i| {
+                let name = format!("f{i:04}.txt");
+                let local = work.path().join(format!("{folder}-{name}"));
+                std::fs::write(&local, format!("content {i}")).unwrap();
+                (local, format!("{folder}/{name}"))
+            })
+            .collect();
+        let report = client.put_files(&files, &mut NoProgress).await.unwrap();
+        assert_eq!(
+            (report.transferred, report.unchanged),
+            (count, 0),
+            "{folder}"
+        );
+
+        let report = client.put_files(&files, &mut NoProgress).await.unwrap();
+        assert_eq!(
+            (report.transferred, report.unchanged),
+            (0, count),
+            "{folder}"
+        );
+
+        // Same size, other bytes; another size; and one new file in the folder.
+        std::fs::write(&files[3].0, "CONTENT 3").unwrap();
+        std::fs::write(&files[7].0, "longer content 7").unwrap();
+        let mut more = files.clone();
+        let extra = work.path().join(format!("{folder}-extra"));
+        std::fs::write(&extra, "extra").unwrap();
+        more.push((extra, format!("{folder}/extra.txt")));
+        let report = client.put_files(&more, &mut NoProgress).await.unwrap();
+        assert!(report.failed.is_empty(), "{:?}", report.failed);
+        assert_eq!(
+            (report.transferred, report.unchanged),
+            (3, count - 2),
+            "{folder}"
+        );
+        for i in [3, 7] {
+            let back = work.path().join("back");
+            client
+                .get(&files[i].1, &back, false, &mut NoProgress)
+                .await
+                .unwrap();
+            assert_eq!(
+                std::fs::read(&back).unwrap(),
+                std::fs::read(&files[i].0).unwrap()
+            );
+            std::fs::remove_file(&back).unwrap();
+        }
+    }
 }

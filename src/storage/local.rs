@@ -91,6 +91,9 @@ pub struct LocalStorage {
 
 struct Inner {
     root: PathBuf,
+    /// `ROOT/files`, `ROOT/partial`, `ROOT/meta`, `ROOT/versions`, opened once: every
+    /// user folder is opened from these (no path lookup from `/` per operation).
+    areas: [(&'static str, OwnedFd); 4],
     options: StorageOptions,
     /// (user, path) pairs with an upload in progress: one uploader per path at a time.
     uploading: Arc<Mutex<HashSet<(String, String)>>>,
@@ -118,13 +121,23 @@ impl LocalStorage {
                 .create(root.join(area))?;
         }
         remove_orphan_data(&root.join("partial"))?;
+        let area = |name: &'static str| {
+            fsat::open_dir(rustix::fs::CWD, root.join(name))
+                .map(|dir| (name, dir))
+                .map_err(|e| internal(name, e))
+        };
         Ok(LocalStorage {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),
+                areas: [
+                    area("files")?,
+                    area("partial")?,
+                    area("meta")?,
+                    area("versions")?,
+                ],
                 options,
                 uploading: Arc::default(),
                 group: Arc::new(GroupCommit {
-                    root: root.to_path_buf(),
                     queue: Mutex::default(),
                     running: tokio::sync::Mutex::new(()),
                 }),
@@ -390,7 +403,6 @@ fn page_of(entries: &[Entry], after: Option<&str>, limit: usize) -> Page {
 /// before its bytes are on disk, and each commit is acknowledged only after the second
 /// sync. Whoever waits first runs the batch; everyone queued before it started shares it.
 struct GroupCommit {
-    root: PathBuf,
     queue: Mutex<Vec<Placement>>,
     /// Held while a batch runs: one batch at a time.
     running: tokio::sync::Mutex<()>,
@@ -423,9 +435,9 @@ impl GroupCommit {
                 Err(TryRecvError::Empty) => {}
             }
             let batch = std::mem::take(&mut *self.queue.lock().unwrap());
-            let (root, inner) = (self.root.clone(), inner.clone());
+            let inner = inner.clone();
             blocking(move || {
-                place_batch(&root, &inner, batch);
+                place_batch(&inner, batch);
                 Ok(())
             })
             .await?;
@@ -433,19 +445,48 @@ impl GroupCommit {
     }
 }
 
+/// The folders one group commit renames into, each opened once for the batch. Every
+/// upload in the batch holds its upload lock until it is named, so no folder above it can
+/// be moved or removed meanwhile (`busy_under`): the folder opened stays the one named.
+#[derive(Default)]
+struct ParentDirs(HashMap<(String, String), Arc<OwnedFd>>);
+
+impl ParentDirs {
+    fn parent_of<'a>(
+        &mut self,
+        inner: &Inner,
+        user: &str,
+        components: &[&'a str],
+        path: &str,
+    ) -> Result<(Arc<OwnedFd>, &'a str)> {
+        let key = (
+            user.to_string(),
+            components[..components.len().saturating_sub(1)].join("/"),
+        );
+        if let (Some(dir), Some(name)) = (self.0.get(&key), components.last()) {
+            return Ok((dir.clone(), name));
+        }
+        let (dir, name) = inner.parent_of(user, components, path, true)?;
+        let dir = Arc::new(dir);
+        self.0.insert(key, dir.clone());
+        Ok((dir, name))
+    }
+}
+
 /// Phase one `syncfs`, the renames, phase two `syncfs`; each upload learns its outcome.
-fn place_batch(root: &Path, inner: &Inner, batch: Vec<Placement>) {
-    let sync = || -> std::result::Result<(), String> {
-        let dir = File::open(root).map_err(|e| e.to_string())?;
-        rustix::fs::syncfs(&dir).map_err(|e| format!("syncfs: {e}"))
+fn place_batch(inner: &Inner, batch: Vec<Placement>) {
+    let sync = || match inner.area("files") {
+        Ok(files) => rustix::fs::syncfs(files).map_err(|e| format!("syncfs: {e}")),
+        Err(e) => Err(e.to_string()),
     };
     let bytes_durable = sync();
     let mut outcomes = Vec::with_capacity(batch.len());
+    let mut dirs = ParentDirs::default();
     for Placement { state, placed } in batch {
         let outcome = match &bytes_durable {
             Ok(()) => {
                 let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
-                state.place(inner, &[])
+                state.place(inner, &[], Some(&mut dirs))
             }
             Err(e) => Err(Error::remote(ErrorCode::Internal, e.clone())),
         };
@@ -467,11 +508,17 @@ impl Inner {
     /// `ROOT/AREA/USER` as an open folder, made (0700) if missing.
     fn user_dir(&self, area: &str, user: &str) -> Result<OwnedFd> {
         check_user_name(user)?;
-        let area_dir =
-            fsat::open_dir(rustix::fs::CWD, self.root.join(area)).map_err(|e| internal(area, e))?;
-        match fsat::walk(&area_dir, &[user], true) {
+        match fsat::walk(self.area(area)?, &[user], true) {
             Ok(dir) => Ok(dir),
             Err(e) => Err(internal(area, e)),
+        }
+    }
+
+    /// `ROOT/AREA`, open since the start.
+    fn area(&self, area: &str) -> Result<&OwnedFd> {
+        match self.areas.iter().find(|(name, _)| *name == area) {
+            Some((_, dir)) => Ok(dir),
+            None => Err(internal(area, Errno::NOENT)),
         }
     }
 
@@ -1763,15 +1810,26 @@ impl UploadState {
         // The bytes are durable before the file takes its name: a power cut must never
         // leave a short file under a real name.
         self.file()?.sync_data().map_err(storage_error)?;
-        self.place(inner, &chunks)?;
+        self.place(inner, &chunks, None)?;
         Ok((self.size, actual, false))
     }
 
     /// Give the staged file its name: the file there becomes a version, the rename replaces
     /// it in one step. The bytes must be durable already.
-    fn place(&mut self, inner: &Inner, chunks: &[ChunkHash]) -> Result<()> {
+    fn place(
+        &mut self,
+        inner: &Inner,
+        chunks: &[ChunkHash],
+        dirs: Option<&mut ParentDirs>,
+    ) -> Result<()> {
         let components = split_path(&self.path)?;
-        let (dir, name) = inner.parent_of(&self.user, &components, &self.path, true)?;
+        let (dir, name) = match dirs {
+            Some(dirs) => dirs.parent_of(inner, &self.user, &components, &self.path)?,
+            None => {
+                let (dir, name) = inner.parent_of(&self.user, &components, &self.path, true)?;
+                (Arc::new(dir), name)
+            }
+        };
         if let Ok(stat) = fsat::stat(&dir, name) {
             match fsat::kind(&stat) {
                 FileType::RegularFile => inner.keep_version_pruned(
