@@ -1066,14 +1066,39 @@ impl Client {
         let mut report = TreeReport::default();
         let is_file = |path: &Path| std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file());
         // The server's sizes (the bar's total), and checksums where a local file exists.
-        let requests: Vec<Request> = files
+        let digests: Vec<bool> = files
             .iter()
-            .map(|(remote, local)| Request::Stat {
-                path: remote_path(remote).unwrap_or_else(|_| remote.clone()),
-                digest: is_file(local) && !is_file(&partial_path(local)),
+            .map(|(_, local)| is_file(local) && !is_file(&partial_path(local)))
+            .collect();
+        // Files that need no checksum may come from a listing; a name missing from it
+        // gets its stat too, for the server's own error.
+        let remotes: Vec<&String> = files.iter().map(|(remote, _)| remote).collect();
+        let no_digest: Vec<bool> = digests.iter().map(|d| !d).collect();
+        let mut listed = self.listed(&remotes, &no_digest).await?;
+        let unknown: Vec<usize> = (0..files.len())
+            .filter(|&i| !matches!(listed[i], Some(Some(_))))
+            .collect();
+        let requests: Vec<Request> = unknown
+            .iter()
+            .map(|&i| Request::Stat {
+                path: remote_path(&files[i].0).unwrap_or_else(|_| files[i].0.clone()),
+                digest: digests[i],
             })
             .collect();
-        let stats = self.pipelined::<FileEntry>(&requests).await?;
+        let mut stats: Vec<Option<Result<FileEntry>>> = listed
+            .iter_mut()
+            .map(|l| l.take().flatten().map(Ok))
+            .collect();
+        for (i, stat) in unknown
+            .into_iter()
+            .zip(self.pipelined::<FileEntry>(&requests).await?)
+        {
+            stats[i] = Some(stat);
+        }
+        let stats: Vec<Result<FileEntry>> = stats
+            .into_iter()
+            .map(|s| s.expect("every file is listed or has a stat"))
+            .collect();
         progress.files_total(files.len() as u64);
         let total = stats.iter().flatten().map(|entry| entry.size).sum();
         progress.start(total, 0);
@@ -1405,15 +1430,44 @@ impl Client {
     }
 
     /// The size of each of `paths` that is a file on the server (`None`: not there, or not
-    /// a file). A folder that receives many of them is listed (one page) rather than asked
-    /// about once per file; a larger folder, and the rest, get a pipelined `stat` each.
+    /// a file), from [`Client::listed`] and a pipelined `stat` for the rest.
     async fn remote_files(&mut self, paths: &[&String]) -> Result<Vec<Option<u64>>> {
-        // Outer `None`: not known yet.
-        let mut known: Vec<Option<Option<u64>>> = vec![None; paths.len()];
+        let mut known = self.listed(paths, &vec![true; paths.len()]).await?;
+        let unknown: Vec<usize> = (0..paths.len()).filter(|&i| known[i].is_none()).collect();
+        let stats: Vec<Request> = unknown
+            .iter()
+            .map(|&i| Request::Stat {
+                path: paths[i].to_string(),
+                digest: false,
+            })
+            .collect();
+        let entries = self.pipelined::<FileEntry>(&stats).await?;
+        for (i, entry) in unknown.into_iter().zip(entries) {
+            known[i] = Some(entry.ok());
+        }
+        Ok(known
+            .into_iter()
+            .map(|known| match known.flatten() {
+                Some(entry) if entry.kind == EntryType::File => Some(entry.size),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// What one listing page tells of `paths` (those with `wanted`): a folder that holds
+    /// [`LIST_RATHER_THAN_STAT`] or more of them is listed once rather than asked about
+    /// once per path. `None`: not known (the folder was not listed, or holds more than a
+    /// page); `Some(None)`: not in the folder.
+    async fn listed(
+        &mut self,
+        paths: &[&String],
+        wanted: &[bool],
+    ) -> Result<Vec<Option<Option<FileEntry>>>> {
+        let mut known: Vec<Option<Option<FileEntry>>> = vec![None; paths.len()];
         let mut by_folder: HashMap<String, Vec<(usize, String)>> = HashMap::new();
-        for (i, path) in paths.iter().enumerate() {
+        for (i, path) in paths.iter().enumerate().filter(|(i, _)| wanted[*i]) {
             let Ok(path) = remote_path(path) else {
-                continue; // the stat reports it
+                continue; // a stat reports it
             };
             let (folder, name) = path.rsplit_once('/').unwrap_or(("", &path));
             by_folder
@@ -1425,37 +1479,22 @@ impl Client {
             if names.len() < LIST_RATHER_THAN_STAT {
                 continue;
             }
-            let files: HashMap<String, u64> = match self.list_page(&folder, false, None).await {
-                Ok((entries, None)) => entries
-                    .into_iter()
-                    .filter(|e: &FileEntry| e.kind == EntryType::File)
-                    .map(|e| (e.name, e.size))
-                    .collect(),
-                Ok((_, Some(_))) => continue, // more than a page: a stat per file
-                Err(e) if e.code() == Some(ErrorCode::NotFound) => HashMap::new(),
-                Err(e) if e.code().is_some() => continue, // the stats say what is wrong
-                Err(e) => return Err(e),
-            };
+            let mut entries: HashMap<String, FileEntry> =
+                match self.list_page(&folder, false, None).await {
+                    Ok((entries, None)) => entries
+                        .into_iter()
+                        .map(|e: FileEntry| (e.name.clone(), e))
+                        .collect(),
+                    Ok((_, Some(_))) => continue, // more than a page: a stat each
+                    Err(e) if e.code() == Some(ErrorCode::NotFound) => HashMap::new(),
+                    Err(e) if e.code().is_some() => continue, // the stats say what is wrong
+                    Err(e) => return Err(e),
+                };
             for (i, name) in names {
-                known[i] = Some(files.get(&name).copied());
+                known[i] = Some(entries.remove(&name));
             }
         }
-        let unknown: Vec<usize> = (0..paths.len()).filter(|&i| known[i].is_none()).collect();
-        let stats: Vec<Request> = unknown
-            .iter()
-            .map(|&i| Request::Stat {
-                path: paths[i].to_string(),
-                digest: false,
-            })
-            .collect();
-        let entries = self.pipelined::<FileEntry>(&stats).await?;
-        for (i, entry) in unknown.into_iter().zip(entries) {
-            known[i] = Some(match entry {
-                Ok(e) if e.kind == EntryType::File => Some(e.size),
-                _ => None,
-            });
-        }
-        Ok(known.into_iter().map(Option::flatten).collect())
+        Ok(known)
     }
 
     /// Download the remote folder `remote_dir` and everything in it into the local folder

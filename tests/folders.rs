@@ -430,5 +430,24 @@ async fn put_files_into_a_full_folder_sends_only_what_changed() {
             );
             std::fs::remove_file(&back).unwrap();
         }
+
+        // `mget` learns the sizes the same way; a name not there is still its own failure.
+        let into = work.path().join(format!("{folder}-down"));
+        std::fs::create_dir(&into).unwrap();
+        let mut wanted: Vec<(String, PathBuf)> = more
+            .iter()
+            .map(|(_, remote)| (remote.clone(), into.join(remote.replace('/', "-"))))
+            .collect();
+        wanted.push((format!("{folder}/missing.txt"), into.join("missing")));
+        let report = client
+            .get_files(&wanted, false, &mut NoProgress)
+            .await
+            .unwrap();
+        assert_eq!(report.transferred, count + 1, "{folder}");
+        assert_eq!(report.failed.len(), 1, "{:?}", report.failed);
+        assert_eq!(report.failed[0].1.code(), Some(ErrorCode::NotFound));
+        for ((local, _), (_, down)) in more.iter().zip(&wanted) {
+            assert_eq!(std::fs::read(down).unwrap(), std::fs::read(local).unwrap());
+        }
     }
 }
