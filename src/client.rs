@@ -1454,10 +1454,10 @@ impl Client {
             .collect())
     }
 
-    /// What one listing page tells of `paths` (those with `wanted`): a folder that holds
-    /// [`LIST_RATHER_THAN_STAT`] or more of them is listed once rather than asked about
-    /// once per path. `None`: not known (the folder was not listed, or holds more than a
-    /// page); `Some(None)`: not in the folder.
+    /// What listings tell of `paths` (those with `wanted`): a folder that holds
+    /// [`LIST_RATHER_THAN_STAT`] or more of them is listed rather than asked about once
+    /// per path. `None`: not known (the folder was not listed, or not that far);
+    /// `Some(None)`: not in the folder.
     async fn listed(
         &mut self,
         paths: &[&String],
@@ -1479,19 +1479,43 @@ impl Client {
             if names.len() < LIST_RATHER_THAN_STAT {
                 continue;
             }
-            let mut entries: HashMap<String, FileEntry> =
-                match self.list_page(&folder, false, None).await {
-                    Ok((entries, None)) => entries
-                        .into_iter()
-                        .map(|e: FileEntry| (e.name.clone(), e))
-                        .collect(),
-                    Ok((_, Some(_))) => continue, // more than a page: a stat each
-                    Err(e) if e.code() == Some(ErrorCode::NotFound) => HashMap::new(),
-                    Err(e) if e.code().is_some() => continue, // the stats say what is wrong
+            // Pages come in name order: after reading up to a name, a name up to it that
+            // was not listed is not there. At most a page per LIST_RATHER_THAN_STAT names,
+            // so a huge folder with few names asked for costs no more than their stats.
+            let mut entries: HashMap<String, FileEntry> = HashMap::new();
+            let mut read_up_to: Option<String> = None;
+            let mut complete = false;
+            for _ in 0..names.len() / LIST_RATHER_THAN_STAT + 1 {
+                match self.list_page(&folder, false, read_up_to.clone()).await {
+                    Ok((page, next)) => {
+                        entries.extend(page.into_iter().map(|e: FileEntry| (e.name.clone(), e)));
+                        match next {
+                            Some(next) if read_up_to.as_deref() < Some(next.as_str()) => {
+                                read_up_to = Some(next)
+                            }
+                            Some(_) => {
+                                return Err(Error::Protocol("the listing does not advance".into()))
+                            }
+                            None => {
+                                complete = true;
+                                break;
+                            }
+                        }
+                    }
+                    Err(e) if e.code() == Some(ErrorCode::NotFound) && read_up_to.is_none() => {
+                        complete = true; // no such folder: none of the names is there
+                        break;
+                    }
+                    Err(e) if e.code().is_some() => break, // the stats say what is wrong
                     Err(e) => return Err(e),
-                };
+                }
+            }
             for (i, name) in names {
-                known[i] = Some(entries.remove(&name));
+                known[i] = match entries.remove(&name) {
+                    Some(entry) => Some(Some(entry)),
+                    None if complete || read_up_to.as_deref() >= Some(name.as_str()) => Some(None),
+                    None => None,
+                };
             }
         }
         Ok(known)
@@ -1873,8 +1897,9 @@ fn verify_commit(
 /// Requests of this many files are in flight at once in `put_many` / `get_many`.
 pub const PIPELINE_WINDOW: usize = 64;
 
-/// Files bound for one remote folder from which `mput`/`put -r` list the folder (one
-/// page) to learn which are there, instead of a `stat` each.
+/// Files bound for (or taken from) one remote folder from which `mput`, `put -r` and
+/// `mget` list the folder to learn which are there, instead of a `stat` each; also the
+/// names per listing page read, at most.
 const LIST_RATHER_THAN_STAT: usize = 16;
 
 /// Files up to this size are read whole and pipelined by `put_many`.

@@ -373,15 +373,15 @@ async fn put_tree_and_get_tree_round_trip_then_resume_sends_nothing() {
     assert_eq!(err.code(), Some(ErrorCode::WrongType), "{err}");
 }
 
-/// `mput` of many files into one folder learns what is there from one listing page (and,
-/// in a folder of more than a page, from a stat per file): either way, unchanged files are
-/// not sent again and changed ones are, whatever their size.
+/// `mput` of many files into one folder learns what is there from listing pages (and, past
+/// the pages it reads, from a stat per file): either way, unchanged files are not sent
+/// again and changed ones are, whatever their size.
 #[tokio::test]
 async fn put_files_into_a_full_folder_sends_only_what_changed() {
     let server = TestServer::start().await;
     let mut client = server.user("many").await;
     let work = tempfile::tempdir().unwrap();
-    for (folder, count) in [("some", 40), ("page_and_more", 1005)] {
+    for (folder, count) in [("some", 40), ("pages", 2005)] {
         let files: Vec<(PathBuf, String)> = (0..count)
             .map(|i| {
                 let name = format!("f{i:04}.txt");
@@ -430,6 +430,21 @@ async fn put_files_into_a_full_folder_sends_only_what_changed() {
             );
             std::fs::remove_file(&back).unwrap();
         }
+
+        // A few names in a big folder: only its first pages are read, the rest is asked.
+        let few: Vec<(PathBuf, String)> = more.iter().rev().step_by(97).cloned().collect();
+        std::fs::write(&files[0].0, "CONTENT 0").unwrap();
+        let mut few_and_first = few.clone();
+        few_and_first.push(files[0].clone());
+        let report = client
+            .put_files(&few_and_first, &mut NoProgress)
+            .await
+            .unwrap();
+        assert_eq!(
+            (report.transferred, report.unchanged),
+            (1, few.len() as u64),
+            "{folder}"
+        );
 
         // `mget` learns the sizes the same way; a name not there is still its own failure.
         let into = work.path().join(format!("{folder}-down"));
