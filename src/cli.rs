@@ -10,7 +10,10 @@ use bytesize::ByteSize;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use netdisk::client::{join_remote, partial_path, Client, ConnectOptions, Progress, TreeReport};
+use netdisk::client::{
+    join_remote, partial_path, Client, ConnectOptions, Progress, TreeReport,
+    SHARE_WITH_HELPER_FILES,
+};
 use netdisk::config::{self, SavedLogin};
 use netdisk::conncheck;
 use netdisk::protocol::{EntryType, FileEntry};
@@ -125,7 +128,8 @@ pub(crate) enum Command {
         /// Discard a staged partial upload and start over
         #[arg(long, conflicts_with = "recursive")]
         restart: bool,
-        /// Upload a folder and everything in it, over one connection; files the server
+        /// Upload a folder and everything in it, pipelined (many files share a second
+        /// connection of the saved login); files the server
         /// already has (same checksum) are skipped, so running it again resumes it.
         /// Symbolic links are skipped, never followed
         #[arg(short, long)]
@@ -155,7 +159,9 @@ pub(crate) enum Command {
         #[arg(short, long, conflicts_with_all = ["resume", "restart"])]
         recursive: bool,
     },
-    /// Upload several files over one connection, pipelined (like ftp's mput); each keeps
+    /// Upload several files, pipelined (like ftp's mput; from 128 files on, over two
+    /// connections of the saved login, as the server works on one request per
+    /// connection at a time); each keeps
     /// its local file name and replaces a remote file of that name. Resumable: run it
     /// again after an interruption and files the server already has (same size and
     /// checksum) are skipped as unchanged, and a large file's partial upload continues.
@@ -678,6 +684,19 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
         Command::Shell => crate::shell::run(&remote, cli.user.as_deref()).await,
         command => {
             let mut client = remote.authenticated(cli.user.as_deref()).await?;
+            // Many files to upload: a second connection of the saved login shares them (the
+            // server serves each connection one request at a time). Only an optimisation:
+            // without it, everything goes over the first.
+            let many = match &command {
+                Command::Mput { files, .. } => files.len() >= SHARE_WITH_HELPER_FILES,
+                Command::Put { recursive, .. } => *recursive,
+                _ => false,
+            };
+            if many && cli.user.is_none() {
+                if let Ok(helper) = remote.authenticated(None).await {
+                    client.set_upload_helper(helper);
+                }
+            }
             let ctx = Ctx {
                 server: cli.server.clone(),
                 ui,

@@ -43,6 +43,40 @@ pub trait Progress: Send {
     fn file_done(&mut self) {}
 }
 
+/// One progress shared by the two connections of a batch (see `put_many_shared`).
+struct SharedProgress<'a, 'b>(&'a std::sync::Mutex<&'b mut dyn Progress>);
+
+impl SharedProgress<'_, '_> {
+    fn with(&self, f: impl FnOnce(&mut dyn Progress)) {
+        let mut progress = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut **progress);
+    }
+}
+
+impl Progress for SharedProgress<'_, '_> {
+    fn start(&mut self, total: u64, from: u64) {
+        self.with(|p| p.start(total, from));
+    }
+    fn advance(&mut self, bytes: u64) {
+        self.with(|p| p.advance(bytes));
+    }
+    fn skip(&mut self, bytes: u64) {
+        self.with(|p| p.skip(bytes));
+    }
+    fn finish(&mut self) {
+        self.with(|p| p.finish());
+    }
+    fn notice(&mut self, message: &str) {
+        self.with(|p| p.notice(message));
+    }
+    fn files_total(&mut self, total: u64) {
+        self.with(|p| p.files_total(total));
+    }
+    fn file_done(&mut self) {
+        self.with(|p| p.file_done());
+    }
+}
+
 /// One overall progress for a batch: the per-file `start`/`finish` of the single-file
 /// transfers inside become plain advances of the batch's bar.
 struct Overall<'a>(&'a mut dyn Progress);
@@ -94,6 +128,9 @@ pub struct ConnectOptions {
 pub struct Client {
     conn: Connection,
     newly_pinned: Option<String>,
+    /// A second connection, logged in as the same user, that many-file uploads share
+    /// their files with (see [`Client::set_upload_helper`]).
+    helper: Option<Box<Client>>,
 }
 
 impl Client {
@@ -166,7 +203,11 @@ impl Client {
             )));
         }
         let _: HelloReply = parse_reply(header)?;
-        Ok(Client { conn, newly_pinned })
+        Ok(Client {
+            conn,
+            newly_pinned,
+            helper: None,
+        })
     }
 
     /// The server's certificate fingerprint, if this connection recorded it for the
@@ -822,11 +863,62 @@ impl Client {
             .iter()
             .map(|(local, remote)| (local.clone(), remote.clone(), None))
             .collect();
-        let results = self.put_many_checked(&files, progress).await?;
+        let results = self.put_many_shared(&files, progress).await?;
         Ok(results
             .into_iter()
             .map(|r| r.map(|(outcome, _)| outcome))
             .collect())
+    }
+
+    /// Let `put_many`, `put_files` and `put_tree` send half of the files of a large batch over
+    /// `helper`, a second connection logged in as the same user: the server then works on
+    /// two files at once (each connection is served one request at a time).
+    pub fn set_upload_helper(&mut self, helper: Client) {
+        self.helper = Some(Box::new(helper));
+    }
+
+    /// `put_many_checked`, shared with the helper connection when there is one and the
+    /// batch is large enough: alternate files go to each, and the results come back in
+    /// order. A broken helper connection ends the batch as a broken main one would.
+    async fn put_many_shared(
+        &mut self,
+        files: &[(PathBuf, String, Option<String>)],
+        progress: &mut dyn Progress,
+    ) -> Result<Vec<Result<(TransferOutcome, bool)>>> {
+        let mut helper = match self.helper.take() {
+            Some(helper) if files.len() >= SHARE_WITH_HELPER_FILES => helper,
+            helper => {
+                self.helper = helper;
+                return self.put_many_checked(files, progress).await;
+            }
+        };
+        let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+        for (i, file) in files.iter().enumerate() {
+            if i % 2 == 0 {
+                mine.push(file.clone());
+            } else {
+                theirs.push(file.clone());
+            }
+        }
+        let shared = std::sync::Mutex::new(progress);
+        let (mut for_ours, mut for_helper) = (SharedProgress(&shared), SharedProgress(&shared));
+        let (ours, helped) = tokio::join!(
+            self.put_many_checked(&mine, &mut for_ours),
+            helper.put_many_checked(&theirs, &mut for_helper),
+        );
+        let (ours, helped) = (ours?, helped?);
+        self.helper = Some(helper);
+        let mut results = Vec::with_capacity(files.len());
+        let (mut ours, mut helped) = (ours.into_iter(), helped.into_iter());
+        for i in 0..files.len() {
+            let next = if i % 2 == 0 {
+                ours.next()
+            } else {
+                helped.next()
+            };
+            results.push(next.ok_or_else(|| Error::Invalid("a result is missing".into()))?);
+        }
+        Ok(results)
     }
 
     /// `put_many` with the local checksum of files when known, which large files send
@@ -1415,7 +1507,7 @@ impl Client {
                 digest => to_send.push((local, remote, digest.and_then(Result::ok))),
             }
         }
-        let results = self.put_many_checked(&to_send, progress).await?;
+        let results = self.put_many_shared(&to_send, progress).await?;
         for ((_, remote, _), result) in to_send.iter().zip(results) {
             match result {
                 Ok((_, true)) => report.unchanged += 1,
@@ -1896,6 +1988,9 @@ fn verify_commit(
 
 /// Requests of this many files are in flight at once in `put_many` / `get_many`.
 pub const PIPELINE_WINDOW: usize = 64;
+
+/// Files to send from which a batch is shared with the helper connection, if any.
+pub const SHARE_WITH_HELPER_FILES: usize = 2 * PIPELINE_WINDOW;
 
 /// Files bound for (or taken from) one remote folder from which `mput`, `put -r` and
 /// `mget` list the folder to learn which are there, instead of a `stat` each; also the

@@ -1395,3 +1395,35 @@ async fn a_windows_reserved_name_says_so_and_how_to_rename() {
     env.ok(&["put", "aux.txt", "my-aux.txt"]).await;
     assert_eq!(env.server.user_bytes("win", "my-aux.txt").await, b"x");
 }
+
+/// `mput` of many files (the saved login: a second connection shares them), small and
+/// large mixed: every file arrives whole under its name; run again, all are unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mput_of_many_files_over_two_connections() {
+    let env = Env::new().await;
+    logged_in(&env, "mia").await;
+    let mut files: Vec<(String, Vec<u8>)> = (0..150)
+        .map(|i| (format!("m{i:03}.txt"), random_bytes(100 + i * 37, i as u64)))
+        .collect();
+    files.push(("large.bin".into(), random_bytes(5_000_000, 7)));
+    for (name, data) in &files {
+        write_file(env.work.path(), name, data);
+    }
+    let mut args = vec!["mput", "--to", "many"];
+    args.extend(files.iter().map(|(n, _)| n.as_str()));
+    let out = run(env.cmd(&args)).await;
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("uploaded 151 files ("), "{err}");
+    for (name, data) in &files {
+        let remote = format!("many/{name}");
+        assert!(
+            env.server.user_bytes("mia", &remote).await == *data,
+            "{name}"
+        );
+    }
+    let out = run(env.cmd(&args)).await;
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("; 151 unchanged"), "{err}");
+}

@@ -368,3 +368,48 @@ async fn get_many_failures_mid_batch_leave_the_other_files_named_and_no_part_fil
     }
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), count - 2);
 }
+
+/// A batch of many files is shared with the helper connection: every other file goes over
+/// it. (Seen here by giving the helper another user's login: those files land in that
+/// user's folder.) Results come back in the batch's order.
+#[tokio::test]
+async fn many_files_are_shared_with_the_helper_connection() {
+    let server = TestServer::start().await;
+    let mut main = server.user("hal").await;
+    let helper = server.user("ivy").await;
+    main.set_upload_helper(helper);
+    let work = tempfile::tempdir().unwrap();
+    let count = netdisk::client::SHARE_WITH_HELPER_FILES + 3;
+    let files: Vec<(std::path::PathBuf, String)> = (0..count)
+        .map(|i| {
+            let local = write_file(
+                work.path(),
+                &format!("f{i}"),
+                format!("file {i}").as_bytes(),
+            );
+            (local, format!("f{i:04}"))
+        })
+        .collect();
+    let results = main.put_many(&files, &mut NoProgress).await.unwrap();
+    assert_eq!(results.len(), count);
+    for (i, result) in results.iter().enumerate() {
+        let outcome = result.as_ref().unwrap();
+        assert_eq!(outcome.size, format!("file {i}").len() as u64, "{i}");
+    }
+    for i in 0..count {
+        let (owner, other) = if i % 2 == 0 {
+            ("hal", "ivy")
+        } else {
+            ("ivy", "hal")
+        };
+        let name = format!("f{i:04}");
+        assert!(
+            server.user_file(owner, &name).is_file(),
+            "{name} at {owner}"
+        );
+        assert!(
+            !server.user_file(other, &name).exists(),
+            "{name} at {other}"
+        );
+    }
+}
