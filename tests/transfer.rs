@@ -403,13 +403,7 @@ async fn many_files_are_shared_with_the_helper_connection() {
             ("ivy", "hal")
         };
         let name = format!("f{i:04}");
-        assert!(
-            server.user_file(owner, &name).is_file(),
-            "{name} at {owner}"
-        );
-        assert!(
-            !server.user_file(other, &name).exists(),
-            "{name} at {other}"
-        );
+        assert!(server.user_has(owner, &name).await, "{name} at {owner}");
+        assert!(!server.user_has(other, &name).await, "{name} at {other}");
     }
 }
