@@ -381,7 +381,15 @@ async fn put_files_into_a_full_folder_sends_only_what_changed() {
     let server = TestServer::start().await;
     let mut client = server.user("many").await;
     let work = tempfile::tempdir().unwrap();
-    for (folder, count) in [("some", 40), ("pages", 2005)] {
+    // The folder of more than two pages only on the local disk: the paging is the
+    // client's (the stores' own paging is in tests/storage_contract.rs), and 2,005 uploads
+    // to moto take minutes of the S3 pass.
+    let folders: &[(&str, u64)] = if server.on_s3() {
+        &[("some", 40)]
+    } else {
+        &[("some", 40), ("pages", 2005)]
+    };
+    for &(folder, count) in folders {
         let files: Vec<(PathBuf, String)> = (0..count)
             .map(|i| {
                 let name = format!("f{i:04}.txt");
@@ -394,7 +402,8 @@ async fn put_files_into_a_full_folder_sends_only_what_changed() {
         assert_eq!(
             (report.transferred, report.unchanged),
             (count, 0),
-            "{folder}"
+            "{folder}: {:?}",
+            report.failed
         );
 
         let report = client.put_files(&files, &mut NoProgress).await.unwrap();
