@@ -495,6 +495,21 @@ impl Client {
     /// Send `requests` pipelined (at most [`PIPELINE_WINDOW`] unanswered) and collect one
     /// reply per request, in order. A server's refusal is that request's result; a broken
     /// connection ends everything.
+    /// A pipelined `stat` of each of `paths` (with its checksum when `digest`).
+    async fn stat_many<S: ToString>(
+        &mut self,
+        paths: impl IntoIterator<Item = (S, bool)>,
+    ) -> Result<Vec<Result<FileEntry>>> {
+        let requests: Vec<Request> = paths
+            .into_iter()
+            .map(|(path, digest)| Request::Stat {
+                path: path.to_string(),
+                digest,
+            })
+            .collect();
+        self.pipelined(&requests).await
+    }
+
     pub async fn pipelined<T: serde::de::DeserializeOwned>(
         &mut self,
         requests: &[Request],
@@ -1170,21 +1185,16 @@ impl Client {
         let unknown: Vec<usize> = (0..files.len())
             .filter(|&i| !matches!(listed[i], Some(Some(_))))
             .collect();
-        let requests: Vec<Request> = unknown
-            .iter()
-            .map(|&i| Request::Stat {
-                path: remote_path(&files[i].0).unwrap_or_else(|_| files[i].0.clone()),
-                digest: digests[i],
-            })
-            .collect();
+        let requests = unknown.iter().map(|&i| {
+            let path = remote_path(&files[i].0).unwrap_or_else(|_| files[i].0.clone());
+            (path, digests[i])
+        });
+        let fetched = self.stat_many(requests).await?;
         let mut stats: Vec<Option<Result<FileEntry>>> = listed
             .iter_mut()
             .map(|l| l.take().flatten().map(Ok))
             .collect();
-        for (i, stat) in unknown
-            .into_iter()
-            .zip(self.pipelined::<FileEntry>(&requests).await?)
-        {
+        for (i, stat) in unknown.into_iter().zip(fetched) {
             stats[i] = Some(stat);
         }
         let stats: Vec<Result<FileEntry>> = stats
@@ -1453,15 +1463,6 @@ impl Client {
         report: &mut TreeReport,
         progress: &mut dyn Progress,
     ) -> Result<()> {
-        let stats = |digest: bool, paths: &[&String]| -> Vec<Request> {
-            paths
-                .iter()
-                .map(|path| Request::Stat {
-                    path: path.to_string(),
-                    digest,
-                })
-                .collect()
-        };
         let remote_paths: Vec<&String> = files.iter().map(|f| &f.1).collect();
         let sizes = self.remote_files(&remote_paths).await?;
         let same_size: Vec<bool> = files
@@ -1482,9 +1483,8 @@ impl Client {
                 .collect::<Vec<Result<String>>>())
         })
         .await?;
-        let candidate_paths: Vec<&String> = candidates.iter().map(|&i| &files[i].1).collect();
         let remote_digests = self
-            .pipelined::<FileEntry>(&stats(true, &candidate_paths))
+            .stat_many(candidates.iter().map(|&i| (&files[i].1, true)))
             .await?;
         let mut digests: Vec<Option<Result<String>>> = (0..files.len()).map(|_| None).collect();
         let mut same = vec![false; files.len()];
@@ -1526,14 +1526,9 @@ impl Client {
     async fn remote_files(&mut self, paths: &[&String]) -> Result<Vec<Option<u64>>> {
         let mut known = self.listed(paths, &vec![true; paths.len()]).await?;
         let unknown: Vec<usize> = (0..paths.len()).filter(|&i| known[i].is_none()).collect();
-        let stats: Vec<Request> = unknown
-            .iter()
-            .map(|&i| Request::Stat {
-                path: paths[i].to_string(),
-                digest: false,
-            })
-            .collect();
-        let entries = self.pipelined::<FileEntry>(&stats).await?;
+        let entries = self
+            .stat_many(unknown.iter().map(|&i| (paths[i], false)))
+            .await?;
         for (i, entry) in unknown.into_iter().zip(entries) {
             known[i] = Some(entry.ok());
         }
@@ -1751,14 +1746,9 @@ impl Client {
                 .collect::<Vec<Option<String>>>())
         })
         .await?;
-        let requests: Vec<Request> = compare
-            .iter()
-            .map(|(remote, _, _)| Request::Stat {
-                path: remote.clone(),
-                digest: true,
-            })
-            .collect();
-        let stats = self.pipelined::<FileEntry>(&requests).await?;
+        let stats = self
+            .stat_many(compare.iter().map(|(remote, _, _)| (remote, true)))
+            .await?;
         for (((remote, path, size), local), stat) in compare.into_iter().zip(digests).zip(stats) {
             let same = match (&local, &stat) {
                 (Some(local), Ok(entry)) => entry.digest.as_deref() == Some(local.as_str()),

@@ -5,18 +5,12 @@
 # (N=${FILES:-3000}), then one `mget` of the first folder; prints files/s. Nothing is
 # deleted meanwhile: on an ext4 without a journal, creations right after deletions are slow.
 set -u
-BIN=$1; L=$2; H=${HAND_DIR:-/tmp/netdisk-hand}; N=${FILES:-3000}; T=$(date +%s%N)
+BIN=$1; L=$2; N=${FILES:-3000}; H=${HAND_DIR:-/tmp/netdisk-hand}
 if [ ! -d "$H/src" ]; then
   mkdir -p "$H/src"
   for i in $(seq -w 1 "$N"); do head -c 4096 /dev/urandom > "$H/src/f$i.bin"; done
 fi
-R=$H/roots/$L-$T; CF=$H/cfgs/$L-$T; mkdir -p "$R" "$CF"
-PORT=$((20000 + RANDOM % 20000))
-"$BIN" serve --listen 127.0.0.1:$PORT --root "$R" --no-tls > "$R.log" 2>&1 &
-SP=$!; sleep 1
-export XDG_CONFIG_HOME=$CF HOME=$CF NETDISK_PASSWORD=benchpassword1
-C="$BIN --server 127.0.0.1:$PORT --quiet --no-tls"
-$C register bench >/dev/null 2>&1; $C login bench >/dev/null
+source "$(dirname "$0")/serve.sh"
 cd "$H/src"; N=$(ls | wc -l)
 out="$L mput:"
 for r in 1 2 3; do

@@ -1800,11 +1800,7 @@ impl UploadState {
             // Named later by the group commit, after one sync of the batch's bytes; a
             // folder in the way is refused now. (An empty file had no write to make it.)
             self.open_small(inner)?;
-            let components = split_path(&self.path)?;
-            let (dir, name) = inner.parent_of(&self.user, &components, &self.path, true)?;
-            if fsat::stat(&dir, name).is_ok_and(|s| fsat::kind(&s) == FileType::Directory) {
-                return Err(fsat::error(Errno::ISDIR, &self.path));
-            }
+            self.check_small_target(inner)?;
             return Ok((self.size, actual, true));
         }
         // The bytes are durable before the file takes its name: a power cut must never
