@@ -75,6 +75,9 @@ struct Cli {
 #[derive(Subcommand)]
 pub(crate) enum Command {
     /// Run the server
+    ///
+    /// It logs to stderr: an INFO line per connection, login, change, transfer and refusal;
+    /// lookups (ls, stat, usage, whoami, versions) only with RUST_LOG=debug.
     Serve(ServeArgs),
     /// Create an account; the server makes the user's folder
     Register {

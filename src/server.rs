@@ -761,9 +761,8 @@ impl Handler {
             match result {
                 Ok(outcome) => {
                     bytes += outcome.bytes;
-                    if cmd == "put" {
-                        // The start of an upload: its `put_data` and `put_commit` are logged.
-                        debug!(peer = %self.peer, user, cmd, ms, "ok");
+                    if QUIET_COMMANDS.contains(&cmd) {
+                        debug!(peer = %self.peer, user, cmd, bytes = outcome.bytes, ms, "ok");
                     } else {
                         info!(peer = %self.peer, user, cmd, bytes = outcome.bytes, ms, "ok");
                     }
@@ -1748,8 +1747,16 @@ fn is_disconnect(e: &std::io::Error) -> bool {
     )
 }
 
-fn to_json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
-    serde_json::to_vec(value).map_err(|e| Error::Invalid(e.to_string()))
+/// Commands whose success is logged at DEBUG, not INFO: lookups that change nothing (a
+/// browsing client or an `mput` sends one per file), and the start of an upload (its
+/// `put_data` and `put_commit` are logged). Changes, transfers and every refusal are INFO.
+const QUIET_COMMANDS: [&str; 6] = ["put", "ls", "stat", "usage", "whoami", "versions"];
+
+fn to_json<T: serde::Serialize>(value: &[T]) -> Result<Vec<u8>> {
+    // About 100 bytes per listed entry: a page is serialized without regrowing.
+    let mut json = Vec::with_capacity(64 + 112 * value.len());
+    serde_json::to_writer(&mut json, value).map_err(|e| Error::Invalid(e.to_string()))?;
+    Ok(json)
 }
 
 fn entry_type(kind: Kind) -> EntryType {

@@ -71,6 +71,9 @@ pub fn clients_variant(
         (vec![], vec![], vec![], vec![]);
     let (mut seq_p50, mut seq_p99, mut burst_p50, mut burst_p99) = (vec![], vec![], vec![], vec![]);
     let mut connect_rate = vec![];
+    // What the burst costs in CPU, each side: with both on the same 2 cores, half their
+    // sum is the shortest the burst can take.
+    let (mut burst_server_cpu, mut burst_client_cpu, mut burst_wall) = (vec![], vec![], vec![]);
     for run in 0..s.runs {
         eprintln!(
             "workload 4 ({label}): run {}/{}: {n} idle clients",
@@ -89,7 +92,13 @@ pub fn clients_variant(
         let idle = server.rss_mib();
         // Each client in turn, then all at once.
         let (clients, sequential) = env.rt.block_on(ls_each(clients))?;
+        let server_cpu = proc_cpu_secs_fine(server.pid());
+        let client_cpu = self_cpu_secs();
         let (clients, burst) = env.rt.block_on(ls_burst(clients))?;
+        burst_server_cpu
+            .push((proc_cpu_secs_fine(server.pid()) - server_cpu) * 1e6 / n.max(1) as f64);
+        burst_client_cpu.push((self_cpu_secs() - client_cpu) * 1e6 / n.max(1) as f64);
+        burst_wall.push(burst.iter().copied().fold(0.0, f64::max));
         let after = server.rss_mib();
         env.rt.block_on(async move {
             for client in clients {
@@ -114,6 +123,15 @@ pub fn clients_variant(
     report.row(w, &v, "ls p99, one at a time", "ms", seq_p99);
     report.row(w, &v, "ls p50, all at once", "ms", burst_p50);
     report.row(w, &v, "ls p99, all at once", "ms", burst_p99);
+    report.row(w, &v, "ls burst: slowest", "ms", burst_wall);
+    report.row(w, &v, "ls burst: server CPU per ls", "µs", burst_server_cpu);
+    report.row(
+        w,
+        &v,
+        "ls burst: harness CPU per ls",
+        "µs",
+        burst_client_cpu,
+    );
     report.row(w, &v, "server RSS after ls", "MiB", rss_after);
 
     // Concurrent puts: one server for all runs (the peak is reset before each).

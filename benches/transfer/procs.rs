@@ -79,6 +79,20 @@ pub fn proc_cpu_secs(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / hz
 }
 
+/// CPU seconds of a process's live threads, to the nanosecond (/proc/PID/task/*/schedstat;
+/// /proc/PID/stat counts 10 ms ticks, too coarse for a burst of a few ms).
+pub fn proc_cpu_secs_fine(pid: u32) -> f64 {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return f64::NAN;
+    };
+    let nanos: u64 = tasks
+        .flatten()
+        .filter_map(|task| fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    nanos as f64 / 1e9
+}
+
 /// A `Vm*` line of /proc/PID/status, in MiB.
 pub fn proc_status_mib(pid: u32, key: &str) -> f64 {
     fs::read_to_string(format!("/proc/{pid}/status"))
