@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use netdisk::client::{
     join_remote, partial_path, Client, ConnectOptions, Progress, TreeReport,
-    SHARE_WITH_HELPER_FILES,
+    SHARE_WITH_HELPER_FILES, UPLOAD_HELPERS,
 };
 use netdisk::config::{self, SavedLogin};
 use netdisk::conncheck;
@@ -162,7 +162,7 @@ pub(crate) enum Command {
         #[arg(short, long, conflicts_with_all = ["resume", "restart"])]
         recursive: bool,
     },
-    /// Upload several files, pipelined (like ftp's mput; from 128 files on, over two
+    /// Upload several files, pipelined (like ftp's mput; from 128 files on, over four
     /// connections of the saved login, as the server works on one request per
     /// connection at a time); each keeps
     /// its local file name and replaces a remote file of that name. Resumable: run it
@@ -687,7 +687,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
         Command::Shell => crate::shell::run(&remote, cli.user.as_deref()).await,
         command => {
             let mut client = remote.authenticated(cli.user.as_deref()).await?;
-            // Many files to upload: a second connection of the saved login shares them (the
+            // Many files to upload: more connections of the saved login share them (the
             // server serves each connection one request at a time). Only an optimisation:
             // without it, everything goes over the first.
             let many = match &command {
@@ -696,8 +696,11 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
                 _ => false,
             };
             if many && cli.user.is_none() {
-                if let Ok(helper) = remote.authenticated(None).await {
-                    client.set_upload_helper(helper);
+                for _ in 0..UPLOAD_HELPERS {
+                    match remote.authenticated(None).await {
+                        Ok(helper) => client.add_upload_helper(helper),
+                        Err(_) => break,
+                    }
                 }
             }
             let ctx = Ctx {

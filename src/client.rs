@@ -2,8 +2,10 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
+use std::future::Future;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 
 use base64::Engine;
 use tokio::net::TcpStream;
@@ -128,9 +130,9 @@ pub struct ConnectOptions {
 pub struct Client {
     conn: Connection,
     newly_pinned: Option<String>,
-    /// A second connection, logged in as the same user, that many-file uploads share
-    /// their files with (see [`Client::set_upload_helper`]).
-    helper: Option<Box<Client>>,
+    /// More connections, logged in as the same user, that many-file uploads share their
+    /// files with (see [`Client::add_upload_helper`]).
+    helpers: Vec<Client>,
 }
 
 impl Client {
@@ -206,7 +208,7 @@ impl Client {
         Ok(Client {
             conn,
             newly_pinned,
-            helper: None,
+            helpers: Vec::new(),
         })
     }
 
@@ -885,55 +887,50 @@ impl Client {
             .collect())
     }
 
-    /// Let `put_many`, `put_files` and `put_tree` send half of the files of a large batch over
-    /// `helper`, a second connection logged in as the same user: the server then works on
-    /// two files at once (each connection is served one request at a time).
-    pub fn set_upload_helper(&mut self, helper: Client) {
-        self.helper = Some(Box::new(helper));
+    /// Let `put_many`, `put_files` and `put_tree` share the files of a large batch with
+    /// `helper`, another connection logged in as the same user: the server then works on
+    /// one file per connection at once (each connection is served one request at a time).
+    pub fn add_upload_helper(&mut self, helper: Client) {
+        self.helpers.push(helper);
     }
 
-    /// `put_many_checked`, shared with the helper connection when there is one and the
-    /// batch is large enough: alternate files go to each, and the results come back in
-    /// order. A broken helper connection ends the batch as a broken main one would.
+    /// `put_many_checked`, shared with the helper connections when there are any and the
+    /// batch is large enough: file `i` goes to connection `i % connections` (this one
+    /// first), and the results come back in order. A broken helper connection ends the
+    /// batch as a broken main one would.
     async fn put_many_shared(
         &mut self,
         files: &[(PathBuf, String, Option<String>)],
         progress: &mut dyn Progress,
     ) -> Result<Vec<Result<(TransferOutcome, bool)>>> {
-        let mut helper = match self.helper.take() {
-            Some(helper) if files.len() >= SHARE_WITH_HELPER_FILES => helper,
-            helper => {
-                self.helper = helper;
-                return self.put_many_checked(files, progress).await;
-            }
-        };
-        let (mut mine, mut theirs) = (Vec::new(), Vec::new());
-        for (i, file) in files.iter().enumerate() {
-            if i % 2 == 0 {
-                mine.push(file.clone());
-            } else {
-                theirs.push(file.clone());
-            }
+        if self.helpers.is_empty() || files.len() < SHARE_WITH_HELPER_FILES {
+            return self.put_many_checked(files, progress).await;
         }
+        let connections = 1 + self.helpers.len();
+        let groups: Vec<Vec<_>> = (0..connections)
+            .map(|c| files.iter().skip(c).step_by(connections).cloned().collect())
+            .collect();
         let shared = std::sync::Mutex::new(progress);
-        let (mut for_ours, mut for_helper) = (SharedProgress(&shared), SharedProgress(&shared));
-        let (ours, helped) = tokio::join!(
-            self.put_many_checked(&mine, &mut for_ours),
-            helper.put_many_checked(&theirs, &mut for_helper),
-        );
-        let (ours, helped) = (ours?, helped?);
-        self.helper = Some(helper);
-        let mut results = Vec::with_capacity(files.len());
-        let (mut ours, mut helped) = (ours.into_iter(), helped.into_iter());
-        for i in 0..files.len() {
-            let next = if i % 2 == 0 {
-                ours.next()
-            } else {
-                helped.next()
-            };
-            results.push(next.ok_or_else(|| Error::Invalid("a result is missing".into()))?);
+        let mut helpers = std::mem::take(&mut self.helpers);
+        let (ours, theirs) = {
+            let mut for_ours = SharedProgress(&shared);
+            tokio::join!(
+                self.put_many_checked(&groups[0], &mut for_ours),
+                put_on_each(&mut helpers, &groups[1..], &shared),
+            )
+        };
+        self.helpers = helpers;
+        let mut each = vec![ours?.into_iter()];
+        for results in theirs {
+            each.push(results?.into_iter());
         }
-        Ok(results)
+        (0..files.len())
+            .map(|i| {
+                each[i % connections]
+                    .next()
+                    .ok_or_else(|| Error::Invalid("a result is missing".into()))
+            })
+            .collect()
     }
 
     /// `put_many` with the local checksum of files when known, which large files send
@@ -1976,10 +1973,38 @@ fn verify_commit(
     })
 }
 
+/// Each of `clients` sends its group of `groups` (all at once), with one shared progress.
+fn put_on_each<'a>(
+    clients: &'a mut [Client],
+    groups: &'a [Vec<(PathBuf, String, Option<String>)>],
+    shared: &'a std::sync::Mutex<&mut dyn Progress>,
+) -> Pin<Box<dyn Future<Output = Vec<PutResults>> + 'a>> {
+    Box::pin(async move {
+        let Some((client, rest)) = clients.split_first_mut() else {
+            return Vec::new();
+        };
+        let mut progress = SharedProgress(shared);
+        let (first, others) = tokio::join!(
+            client.put_many_checked(&groups[0], &mut progress),
+            put_on_each(rest, &groups[1..], shared),
+        );
+        let mut all = vec![first];
+        all.extend(others);
+        all
+    })
+}
+
+/// What `put_many_checked` returns.
+type PutResults = Result<Vec<Result<(TransferOutcome, bool)>>>;
+
 /// Requests of this many files are in flight at once in `put_many` / `get_many`.
 pub const PIPELINE_WINDOW: usize = 64;
 
-/// Files to send from which a batch is shared with the helper connection, if any.
+/// Extra connections `mput` and `put -r` open for a batch of many files (with the saved
+/// login): the server serves each connection one request at a time.
+pub const UPLOAD_HELPERS: usize = 3;
+
+/// Files to send from which a batch is shared with the helper connections, if any.
 pub const SHARE_WITH_HELPER_FILES: usize = 2 * PIPELINE_WINDOW;
 
 /// Files bound for (or taken from) one remote folder from which `mput`, `put -r` and
