@@ -131,8 +131,8 @@ pub(crate) enum Command {
         /// Discard a staged partial upload and start over
         #[arg(long, conflicts_with = "recursive")]
         restart: bool,
-        /// Upload a folder and everything in it, pipelined (many files share a second
-        /// connection of the saved login); files the server
+        /// Upload a folder and everything in it, pipelined (from 128 files on, over four
+        /// connections of the saved login); files the server
         /// already has (same checksum) are skipped, so running it again resumes it.
         /// Symbolic links are skipped, never followed
         #[arg(short, long)]

@@ -45,7 +45,7 @@ pub trait Progress: Send {
     fn file_done(&mut self) {}
 }
 
-/// One progress shared by the two connections of a batch (see `put_many_shared`).
+/// One progress shared by the connections of a batch (see `put_many_shared`).
 struct SharedProgress<'a, 'b>(&'a std::sync::Mutex<&'b mut dyn Progress>);
 
 impl SharedProgress<'_, '_> {
@@ -494,9 +494,6 @@ impl Client {
         Ok(serde_json::from_value(serde_json::Value::Object(reply)).unwrap_or_default())
     }
 
-    /// Send `requests` pipelined (at most [`PIPELINE_WINDOW`] unanswered) and collect one
-    /// reply per request, in order. A server's refusal is that request's result; a broken
-    /// connection ends everything.
     /// A pipelined `stat` of each of `paths` (with its checksum when `digest`).
     async fn stat_many<S: ToString>(
         &mut self,
@@ -512,6 +509,9 @@ impl Client {
         self.pipelined(&requests).await
     }
 
+    /// Send `requests` pipelined (at most [`PIPELINE_WINDOW`] unanswered) and collect one
+    /// reply per request, in order. A server's refusal is that request's result; a broken
+    /// connection ends everything.
     pub async fn pipelined<T: serde::de::DeserializeOwned>(
         &mut self,
         requests: &[Request],

@@ -1396,10 +1396,10 @@ async fn a_windows_reserved_name_says_so_and_how_to_rename() {
     assert_eq!(env.server.user_bytes("win", "my-aux.txt").await, b"x");
 }
 
-/// `mput` of many files (the saved login: a second connection shares them), small and
+/// `mput` of many files (the saved login: helper connections share them), small and
 /// large mixed: every file arrives whole under its name; run again, all are unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mput_of_many_files_over_two_connections() {
+async fn mput_of_many_files_over_several_connections() {
     let env = Env::new().await;
     logged_in(&env, "mia").await;
     let mut files: Vec<(String, Vec<u8>)> = (0..150)
